@@ -1,0 +1,287 @@
+// CPU kernels for the LSTM and RNN (Elman) recurrences.
+//
+// Cell steps: the two matmuls go to the BLAS (at::mm / addmm_, which run at the machine's GEMM rate), and
+// everything else - both biases, the gate activations, the cell and hidden update - is one fused,
+// auto-vectorized pass over the gate matrix, parallel over batch rows. The forward keeps the activated gates so
+// the backward needs no transcendental but one tanh per cell element.
+//
+// bfloat16 arguments are computed in float32 (matmul accumulation, activations and state) and rounded once on
+// output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+
+#include "../common.h"
+#include "vec_math.h"
+
+namespace seqkernels {
+namespace {
+
+using at::Tensor;
+
+// Rows per parallel task: enough pointwise work per task to pay for handing it to a thread.
+int64_t row_grain(int64_t elems_per_row) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(elems_per_row, 1));
+}
+
+// x @ w_ih^T + h @ w_hh^T + (b_ih + b_hh) is split: the matmuls here, the biases in the fused pass.
+Tensor input_and_hidden_matmul(const Tensor& x, const Tensor& w_ih, const Tensor& h, const Tensor& w_hh) {
+  const auto ct = compute_type(x.scalar_type());
+  Tensor out = at::mm(x.to(ct), w_ih.to(ct).t());
+  out.addmm_(h.to(ct), w_hh.to(ct).t());
+  return out;
+}
+
+// b_ih + b_hh in the compute type, or zeros: one contiguous vector the fused pass reads unconditionally.
+Tensor combined_bias(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t rows,
+                     const Tensor& like) {
+  const auto ct = compute_type(like.scalar_type());
+  if (!b_ih.has_value()) {
+    return at::zeros({rows}, like.options().dtype(ct));
+  }
+  return (b_ih->to(ct) + b_hh->to(ct)).contiguous();
+}
+
+void check_biases(const char* op, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                  int64_t rows, const char* layout, const Tensor& input) {
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op,
+              ": expected b_ih and b_hh to be both tensors or both None, got b_ih ",
+              b_ih.has_value() ? "a tensor" : "None", " and b_hh ", b_hh.has_value() ? "a tensor" : "None");
+  if (b_ih.has_value()) {
+    check_arg(op, "b_ih", *b_ih, {rows}, layout, "input", input);
+    check_arg(op, "b_hh", *b_hh, {rows}, layout, "input", input);
+  }
+}
+
+// Checks input (B, I), w_ih (gates*H, I), w_hh (gates*H, H) and returns H.
+int64_t check_cell_weights(const char* op, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                           int64_t gates, const char* w_ih_layout, const char* w_hh_layout) {
+  check_cpu_float(op, "input", input);
+  check_dim(op, "input", input, 2, "(batch, input_size)");
+  check_cpu_float(op, "w_ih", w_ih);
+  check_same_dtype(op, "w_ih", w_ih, "input", input);
+  check_dim(op, "w_ih", w_ih, 2, w_ih_layout);
+  TORCH_CHECK(w_ih.size(0) % gates == 0 && w_ih.size(0) > 0, op, ": expected w_ih.size(0) to be a positive multiple of ",
+              gates, " ", w_ih_layout, ", got ", w_ih.size(0));
+  const int64_t H = w_ih.size(0) / gates;
+  check_arg(op, "w_ih", w_ih, {gates * H, input.size(1)}, w_ih_layout, "input", input);
+  check_arg(op, "w_hh", w_hh, {gates * H, H}, w_hh_layout, "input", input);
+  return H;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LSTM cell (gate order i, f, g, o as torch)
+
+template <typename T>
+void lstm_pointwise_fwd(T* __restrict__ gates, const T* __restrict__ bias, const T* __restrict__ c_prev,
+                        T* __restrict__ c_out, T* __restrict__ h_out, int64_t H) {
+  T* __restrict__ gi = gates;
+  T* __restrict__ gf = gates + H;
+  T* __restrict__ gg = gates + 2 * H;
+  T* __restrict__ go = gates + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = vec_math::sigmoid(gi[j] + bias[j]);
+    const T f = vec_math::sigmoid(gf[j] + bias[H + j]);
+    const T g = vec_math::tanh(gg[j] + bias[2 * H + j]);
+    const T o = vec_math::sigmoid(go[j] + bias[3 * H + j]);
+    const T c = f * c_prev[j] + i * g;
+    gi[j] = i;
+    gf[j] = f;
+    gg[j] = g;
+    go[j] = o;
+    c_out[j] = c;
+    h_out[j] = o * vec_math::tanh(c);
+  }
+}
+
+// From the activated gates and the new cell state: gradients of the gate pre-activations and of c_prev.
+template <typename T>
+void lstm_pointwise_bwd(const T* __restrict__ gates, const T* __restrict__ c_prev, const T* __restrict__ c_new,
+                        const T* __restrict__ grad_h, const T* __restrict__ grad_c, T* __restrict__ grad_gates,
+                        T* __restrict__ grad_c_prev, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+    const T tc = vec_math::tanh(c_new[j]);
+    const T dh = grad_h[j];
+    const T dc = grad_c[j] + dh * o * (T(1) - tc * tc);
+    grad_gates[j] = dc * g * i * (T(1) - i);
+    grad_gates[H + j] = dc * c_prev[j] * f * (T(1) - f);
+    grad_gates[2 * H + j] = dc * i * (T(1) - g * g);
+    grad_gates[3 * H + j] = dh * tc * o * (T(1) - o);
+    grad_c_prev[j] = dc * f;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                                 const Tensor& w_ih, const Tensor& w_hh,
+                                                 const std::optional<Tensor>& b_ih,
+                                                 const std::optional<Tensor>& b_hh) {
+  constexpr const char* op = "seqkernels::lstm_cell_fwd";
+  const int64_t H = check_cell_weights(op, input, w_ih, w_hh, 4, "(4 * hidden_size, input_size)",
+                                       "(4 * hidden_size, hidden_size)");
+  const int64_t B = input.size(0);
+  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "cx", cx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_biases(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
+
+  const auto ct = compute_type(input.scalar_type());
+  Tensor gates = input_and_hidden_matmul(input, w_ih, hx, w_hh);  // (B, 4H), contiguous
+  const Tensor bias = combined_bias(b_ih, b_hh, 4 * H, input);
+  const Tensor c_prev = cx.to(ct).contiguous();
+  Tensor cy = at::empty({B, H}, gates.options());
+  Tensor hy = at::empty({B, H}, gates.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
+    scalar_t* g = gates.data_ptr<scalar_t>();
+    const scalar_t* b = bias.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    scalar_t* c = cy.data_ptr<scalar_t>();
+    scalar_t* h = hy.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        lstm_pointwise_fwd(g + r * 4 * H, b, cp + r * H, c + r * H, h + r * H, H);
+      }
+    });
+  });
+  return {hy.to(input.scalar_type()), cy.to(input.scalar_type()), gates};
+}
+
+// Returns grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias (the same for b_ih and b_hh).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
+    const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& hx, const Tensor& cx,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& cy, const Tensor& gates) {
+  constexpr const char* op = "seqkernels::lstm_cell_bwd";
+  const int64_t H = check_cell_weights(op, input, w_ih, w_hh, 4, "(4 * hidden_size, input_size)",
+                                       "(4 * hidden_size, hidden_size)");
+  const int64_t B = input.size(0);
+  const auto ct = compute_type(input.scalar_type());
+  check_arg(op, "grad_hy", grad_hy, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "grad_cy", grad_cy, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "cx", cx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "cy", cy, {B, H}, "(batch, hidden_size)", "input", input);
+  check_cpu_float(op, "gates", gates);
+  TORCH_CHECK(gates.scalar_type() == ct, op, ": expected gates (saved by lstm_cell_fwd) to have dtype ", ct,
+              ", got ", gates.scalar_type());
+  check_shape(op, "gates", gates, {B, 4 * H}, "(batch, 4 * hidden_size)");
+
+  const Tensor gates_c = gates.contiguous();
+  const Tensor c_prev = cx.to(ct).contiguous();
+  const Tensor c_new = cy.to(ct).contiguous();
+  const Tensor dh = grad_hy.to(ct).contiguous();
+  const Tensor dc = grad_cy.to(ct).contiguous();
+  Tensor grad_gates = at::empty({B, 4 * H}, gates_c.options());
+  Tensor grad_cx = at::empty({B, H}, gates_c.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_bwd", [&] {
+    const scalar_t* g = gates_c.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    const scalar_t* cn = c_new.data_ptr<scalar_t>();
+    const scalar_t* gh = dh.data_ptr<scalar_t>();
+    const scalar_t* gc = dc.data_ptr<scalar_t>();
+    scalar_t* gg = grad_gates.data_ptr<scalar_t>();
+    scalar_t* gcx = grad_cx.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        lstm_pointwise_bwd(g + r * 4 * H, cp + r * H, cn + r * H, gh + r * H, gc + r * H, gg + r * 4 * H,
+                           gcx + r * H, H);
+      }
+    });
+  });
+  const auto dt = input.scalar_type();
+  Tensor grad_input = at::mm(grad_gates, w_ih.to(ct)).to(dt);
+  Tensor grad_hx = at::mm(grad_gates, w_hh.to(ct)).to(dt);
+  Tensor grad_w_ih = at::mm(grad_gates.t(), input.to(ct)).to(dt);
+  Tensor grad_w_hh = at::mm(grad_gates.t(), hx.to(ct)).to(dt);
+  Tensor grad_bias = grad_gates.sum(0).to(dt);
+  return {grad_input, grad_hx, grad_cx.to(dt), grad_w_ih, grad_w_hh, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RNN cell: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act = tanh or relu
+
+bool parse_nonlinearity(const char* op, const std::string& nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
+              ": expected nonlinearity to be 'tanh' or 'relu', got '", nonlinearity, "'");
+  return nonlinearity == "relu";
+}
+
+Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                    const std::string& nonlinearity) {
+  constexpr const char* op = "seqkernels::rnn_cell_fwd";
+  const bool relu = parse_nonlinearity(op, nonlinearity);
+  const int64_t H =
+      check_cell_weights(op, input, w_ih, w_hh, 1, "(hidden_size, input_size)", "(hidden_size, hidden_size)");
+  const int64_t B = input.size(0);
+  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_biases(op, b_ih, b_hh, H, "(hidden_size)", input);
+
+  Tensor pre = input_and_hidden_matmul(input, w_ih, hx, w_hh);
+  const Tensor bias = combined_bias(b_ih, b_hh, H, input);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_cell_fwd", [&] {
+    scalar_t* p = pre.data_ptr<scalar_t>();
+    const scalar_t* b = bias.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* __restrict__ row = p + r * H;
+        if (relu) {
+          for (int64_t j = 0; j < H; ++j) {
+            const scalar_t v = row[j] + b[j];
+            row[j] = v > scalar_t(0) ? v : scalar_t(0);
+          }
+        } else {
+          for (int64_t j = 0; j < H; ++j) {
+            row[j] = vec_math::tanh(row[j] + b[j]);
+          }
+        }
+      }
+    });
+  });
+  return pre.to(input.scalar_type());
+}
+
+// Returns grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias (the same for b_ih and b_hh).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_bwd(const Tensor& grad_hy, const Tensor& input,
+                                                                const Tensor& hx, const Tensor& w_ih,
+                                                                const Tensor& w_hh, const Tensor& hy,
+                                                                const std::string& nonlinearity) {
+  constexpr const char* op = "seqkernels::rnn_cell_bwd";
+  const bool relu = parse_nonlinearity(op, nonlinearity);
+  const int64_t H =
+      check_cell_weights(op, input, w_ih, w_hh, 1, "(hidden_size, input_size)", "(hidden_size, hidden_size)");
+  const int64_t B = input.size(0);
+  check_arg(op, "grad_hy", grad_hy, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "hy", hy, {B, H}, "(batch, hidden_size)", "input", input);
+
+  const auto ct = compute_type(input.scalar_type());
+  Tensor grad_pre = grad_hy.to(ct).contiguous().clone();
+  const Tensor out = hy.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "rnn_cell_bwd", [&] {
+    scalar_t* d = grad_pre.data_ptr<scalar_t>();
+    const scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        d[k] *= relu ? (y[k] > scalar_t(0) ? scalar_t(1) : scalar_t(0)) : scalar_t(1) - y[k] * y[k];
+      }
+    });
+  });
+  const auto dt = input.scalar_type();
+  return {at::mm(grad_pre, w_ih.to(ct)).to(dt), at::mm(grad_pre, w_hh.to(ct)).to(dt),
+          at::mm(grad_pre.t(), input.to(ct)).to(dt), at::mm(grad_pre.t(), hx.to(ct)).to(dt),
+          grad_pre.sum(0).to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("lstm_cell_fwd", &lstm_cell_fwd);
+  m.impl("lstm_cell_bwd", &lstm_cell_bwd);
+  m.impl("rnn_cell_fwd", &rnn_cell_fwd);
+  m.impl("rnn_cell_bwd", &rnn_cell_bwd);
+}
+
+}  // namespace seqkernels

@@ -1,0 +1,28 @@
+// Every seqkernels op schema, declared once. Backend files register implementations with
+// TORCH_LIBRARY_IMPL(seqkernels, <key>, m); Python registers fake (meta) implementations and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty Python module named _C: importing seqkernels._C loads this shared library, which runs the
+// TORCH_LIBRARY static initializers below. The ops are reached through torch.ops.seqkernels.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "seqkernels C++ ops (see torch.ops.seqkernels)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(seqkernels, m) {
+  // LSTM cell step. gates: the activated gates (i, f, g, o), in float32 for bfloat16 inputs; kept for backward.
+  m.def("lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
+        " -> (Tensor hy, Tensor cy, Tensor gates)");
+  m.def("lstm_cell_bwd(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor w_ih,"
+        " Tensor w_hh, Tensor cy, Tensor gates)"
+        " -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh,"
+        " Tensor grad_bias)");
+  // RNN cell step; nonlinearity is 'tanh' or 'relu'.
+  m.def("rnn_cell_fwd(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
+        " str nonlinearity) -> Tensor hy");
+  m.def("rnn_cell_bwd(Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy,"
+        " str nonlinearity)"
+        " -> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+}

@@ -1,0 +1,220 @@
+"""Drop-in replacements for ``torch.nn.LSTM``, ``RNN``, ``LSTMCell`` and ``RNNCell``.
+
+Each class subclasses its ``torch.nn`` twin, so constructor arguments and defaults, parameter names, shapes and
+initialization, ``state_dict``, ``repr`` and ``isinstance`` checks are torch's own; only ``forward`` is replaced,
+running the recurrence through seqkernels' dispatched ops (C++ kernels on CPU tensors). ``from_torch(module)``
+converts an existing module with its weights.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from ..ops.lstm import lstm_cell, lstm_layer, rnn_cell, rnn_layer
+
+_SEQ_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
+class _FromTorch:
+    _torch_cls: type
+    _config_args: Tuple[str, ...]
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module):
+        """A seqkernels module with ``module``'s configuration, weights (same device and dtype) and mode."""
+        if not isinstance(module, cls._torch_cls):
+            raise TypeError(
+                f"{cls.__name__}.from_torch: expected a {cls._torch_cls.__module__}.{cls._torch_cls.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        config = {name: getattr(module, name) for name in cls._config_args}
+        first = next(module.parameters())
+        new = cls(**config, device=first.device, dtype=first.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+
+def _check_state(name: str, arg: str, state: Tensor, input: Tensor) -> None:
+    if state.dtype != input.dtype:
+        raise ValueError(f"{name}: expected {arg} to have the dtype of input ({input.dtype}), got {state.dtype}")
+    if state.device != input.device:
+        raise ValueError(f"{name}: expected {arg} on the device of input ({input.device}), got {state.device}")
+
+
+def _recurrent_forward(module, input, hx, is_lstm: bool):
+    """torch.nn.LSTM / RNN forward semantics, one dispatched layer op per layer and direction."""
+    name = type(module).__name__
+    num_directions = 2 if module.bidirectional else 1
+    proj_size = getattr(module, "proj_size", 0)
+    real_hidden = proj_size if proj_size > 0 else module.hidden_size
+    state_names = ("hx[0] (h_0)", "hx[1] (c_0)") if is_lstm else ("hx (h_0)",)
+
+    if isinstance(input, PackedSequence):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        checked, is_batched, batch_dim = data, True, 1
+        if data.dim() != 2:
+            raise ValueError(f"{name}: expected PackedSequence data to be 2-D (steps, input_size), got {data.dim()}-D")
+        x, lengths = torch._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.size(0))
+    else:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: expected input to be a Tensor or PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batch_sizes = sorted_indices = unsorted_indices = lengths = None
+        is_batched = input.dim() == 3
+        batch_dim = 0 if module.batch_first else 1
+        if not is_batched:
+            input = input.unsqueeze(batch_dim)
+        checked = input
+        x = input.transpose(0, 1) if module.batch_first else input
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected input to have a sequence length larger than 0, got 0")
+    B = x.shape[1]
+
+    if hx is None:
+        shape = (module.num_layers * num_directions, B)
+        h0 = torch.zeros(*shape, real_hidden, dtype=x.dtype, device=x.device)
+        hx = (h0, torch.zeros(*shape, module.hidden_size, dtype=x.dtype, device=x.device)) if is_lstm else h0
+    else:
+        states = tuple(hx) if is_lstm else (hx,)
+        if is_lstm and len(states) != 2:
+            raise ValueError(f"{name}: expected hx to be a tuple (h_0, c_0), got {len(states)} elements")
+        for arg, state in zip(state_names, states):
+            if not isinstance(state, Tensor):
+                raise TypeError(f"{name}: expected {arg} to be a Tensor, got {type(state).__name__}")
+        want = 3 if is_batched else 2
+        if any(s.dim() != want for s in states):
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            dims = ", ".join(f"{s.dim()}-D" for s in states)
+            raise RuntimeError(f"{name}: for {kind} input, hx should also be {want}-D but got ({dims}) tensors")
+        if not is_batched:
+            states = tuple(s.unsqueeze(1) for s in states)
+        for arg, state in zip(state_names, states):
+            _check_state(name, arg, state, x)
+        hx = states if is_lstm else states[0]
+    module.check_forward_args(checked, hx, batch_sizes)  # torch's own shape and dtype checks and messages
+    if sorted_indices is not None:
+        hx = module.permute_hidden(hx, sorted_indices)
+    h0, c0 = hx if is_lstm else (hx, None)
+
+    layer_input = x
+    h_n, c_n = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix)
+            b_ih = getattr(module, "bias_ih" + suffix) if module.bias else None
+            b_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
+            if is_lstm:
+                w_hr = getattr(module, "weight_hr" + suffix) if proj_size > 0 else None
+                out, h, c = lstm_layer(layer_input, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, direction == 1)
+                c_n.append(c)
+            else:
+                out, h = rnn_layer(
+                    layer_input, h0[k], w_ih, w_hh, b_ih, b_hh, module.nonlinearity, lengths, direction == 1
+                )
+            outputs.append(out)
+            h_n.append(h)
+        layer_input = torch.cat(outputs, 2) if num_directions == 2 else outputs[0]
+        if module.dropout > 0 and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, True)
+    output = layer_input
+    hidden = (torch.stack(h_n), torch.stack(c_n)) if is_lstm else torch.stack(h_n)
+
+    if batch_sizes is not None:
+        packed_data, _ = torch._pack_padded_sequence(output, lengths, False)
+        return (
+            PackedSequence(packed_data, batch_sizes, sorted_indices, unsorted_indices),
+            module.permute_hidden(hidden, unsorted_indices),
+        )
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    if not is_batched:
+        output = output.squeeze(batch_dim)
+        hidden = tuple(s.squeeze(1) for s in hidden) if is_lstm else hidden.squeeze(1)
+    return output, hidden
+
+
+class LSTM(_FromTorch, torch.nn.LSTM):
+    """``torch.nn.LSTM`` with seqkernels' recurrence (same arguments, parameters, inputs and outputs)."""
+
+    _torch_cls = torch.nn.LSTM
+    _config_args = _SEQ_ARGS + ("proj_size",)
+
+    def forward(
+        self, input: Union[Tensor, PackedSequence], hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Union[Tensor, PackedSequence], Tuple[Tensor, Tensor]]:
+        return _recurrent_forward(self, input, hx, is_lstm=True)
+
+
+class RNN(_FromTorch, torch.nn.RNN):
+    """``torch.nn.RNN`` (tanh or relu) with seqkernels' recurrence."""
+
+    _torch_cls = torch.nn.RNN
+    _config_args = _SEQ_ARGS + ("nonlinearity",)
+
+    def forward(
+        self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None
+    ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
+        return _recurrent_forward(self, input, hx, is_lstm=False)
+
+
+def _cell_inputs(name: str, module, input: Tensor, states):
+    """torch's cell conventions: 1-D (unbatched) or 2-D input, states default to zeros."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for idx, value in enumerate(states or ()):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected hx[{idx}] to be a Tensor, got {type(value).__name__}")
+        if value.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+        states = tuple(s.unsqueeze(0) for s in states) if states is not None else None
+    return input, states, is_batched
+
+
+class LSTMCell(_FromTorch, torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` running seqkernels' fused cell kernel."""
+
+    _torch_cls = torch.nn.LSTMCell
+    _config_args = ("input_size", "hidden_size", "bias")
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError("LSTMCell: expected hx to be a tuple (h_0, c_0) of two tensors")
+        input, states, is_batched = _cell_inputs("LSTMCell", self, input, hx)
+        if states is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = (zeros, zeros)
+        h, c = lstm_cell(input, tuple(states), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+class RNNCell(_FromTorch, torch.nn.RNNCell):
+    """``torch.nn.RNNCell`` (tanh or relu) running seqkernels' fused cell kernel."""
+
+    _torch_cls = torch.nn.RNNCell
+    _config_args = ("input_size", "hidden_size", "bias", "nonlinearity")
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        input, states, is_batched = _cell_inputs("RNNCell", self, input, None if hx is None else (hx,))
+        h0 = (
+            states[0]
+            if states is not None
+            else torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        )
+        h = rnn_cell(input, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
+        return h if is_batched else h.squeeze(0)
