@@ -12,11 +12,13 @@ take a given call (empty list: it can). Selection is per call: CUDA tensors try 
 tensors try cpu, reference. ``use_backend(name)`` or the ``SEQKERNELS_BACKEND`` environment variable force one
 backend; a forced backend that cannot take a call raises :class:`BackendError` listing its reasons. An automatic
 fallback past a preferred backend is logged once per (op, backend, reasons).
+
+``use_backend`` is process-wide, like ``torch.backends`` flags: a plain module-level stack, which
+``torch.compile`` reads (and guards on) while tracing, where a ``ContextVar`` would break the graph.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ class Implementation:
 
 
 _registry: Dict[str, Dict[str, Implementation]] = {}
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("seqkernels_backend", default=None)
+_forced: List[Optional[str]] = []  # innermost use_backend last
 _status_cache: Dict[str, Tuple[bool, str]] = {}
 _logged: set = set()
 
@@ -74,21 +76,21 @@ def _check_name(name: str, source: str) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force backend ``name`` for calls in this context (``None``: automatic selection)."""
+    """Force backend ``name`` for calls in this context (``None``: automatic selection, even where
+    ``SEQKERNELS_BACKEND`` is set)."""
     if name is not None:
         _check_name(name, "use_backend")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or, failing that, by ``SEQKERNELS_BACKEND``."""
-    name = _forced.get()
-    if name is not None:
-        return name
+    if _forced:
+        return _forced[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         return _check_name(env, ENV_VAR)
