@@ -25,7 +25,7 @@ def extensions():
         glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)
     )
     arch = os.environ.get("SEQKERNELS_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
     build_cuda = torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources
     if build_cuda:
         ext = CUDAExtension(

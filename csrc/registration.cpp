@@ -25,4 +25,22 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def("rnn_cell_bwd(Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy,"
         " str nonlinearity)"
         " -> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+
+  // One layer, one direction over a whole packed sequence (see csrc/cpu/recurrence.cpp for the layout):
+  // input (N, input_size) rows of all steps, batch_sizes (T,) int64 non-increasing. With train=True the forward
+  // also returns the activated gates (N, 4H) and cell states (N, H) for the backward; otherwise both are empty.
+  m.def("lstm_seq_fwd(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh,"
+        " Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train)"
+        " -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // grad_w_hr is an empty (0, 0) tensor when w_hr is None.
+  m.def("lstm_seq_bwd(Tensor grad_output, Tensor grad_hn, Tensor grad_cn, Tensor input, Tensor batch_sizes,"
+        " Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor gates, Tensor cells,"
+        " bool reverse)"
+        " -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh,"
+        " Tensor grad_bias, Tensor grad_w_hr)");
+  m.def("rnn_seq_fwd(Tensor input, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
+        " Tensor? b_hh, str nonlinearity, bool reverse) -> (Tensor output, Tensor h_n)");
+  m.def("rnn_seq_bwd(Tensor grad_output, Tensor grad_hn, Tensor input, Tensor batch_sizes, Tensor h0, Tensor w_ih,"
+        " Tensor w_hh, Tensor output, str nonlinearity, bool reverse)"
+        " -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 }

@@ -59,27 +59,28 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
         checked, is_batched, batch_dim = data, True, 1
         if data.dim() != 2:
             raise ValueError(f"{name}: expected PackedSequence data to be 2-D (steps, input_size), got {data.dim()}-D")
-        x, lengths = torch._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.size(0))
+        rows = data
     else:
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: expected input to be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-        batch_sizes = sorted_indices = unsorted_indices = lengths = None
+        batch_sizes = sorted_indices = unsorted_indices = None
         is_batched = input.dim() == 3
         batch_dim = 0 if module.batch_first else 1
         if not is_batched:
             input = input.unsqueeze(batch_dim)
         checked = input
         x = input.transpose(0, 1) if module.batch_first else input
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: expected input to have a sequence length larger than 0, got 0")
-    B = x.shape[1]
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: expected input to have a sequence length larger than 0, got 0")
+        rows = x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # time-major rows: the packed layout, equal lengths
+    B = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
 
     if hx is None:
         shape = (module.num_layers * num_directions, B)
-        h0 = torch.zeros(*shape, real_hidden, dtype=x.dtype, device=x.device)
-        hx = (h0, torch.zeros(*shape, module.hidden_size, dtype=x.dtype, device=x.device)) if is_lstm else h0
+        h0 = torch.zeros(*shape, real_hidden, dtype=rows.dtype, device=rows.device)
+        hx = (h0, torch.zeros(*shape, module.hidden_size, dtype=rows.dtype, device=rows.device)) if is_lstm else h0
     else:
         states = tuple(hx) if is_lstm else (hx,)
         if is_lstm and len(states) != 2:
@@ -95,14 +96,15 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
         if not is_batched:
             states = tuple(s.unsqueeze(1) for s in states)
         for arg, state in zip(state_names, states):
-            _check_state(name, arg, state, x)
+            _check_state(name, arg, state, rows)
         hx = states if is_lstm else states[0]
     module.check_forward_args(checked, hx, batch_sizes)  # torch's own shape and dtype checks and messages
     if sorted_indices is not None:
         hx = module.permute_hidden(hx, sorted_indices)
     h0, c0 = hx if is_lstm else (hx, None)
+    steps = batch_sizes if batch_sizes is not None else torch.full((x.shape[0],), B, dtype=torch.int64)
 
-    layer_input = x
+    layer_input = rows
     h_n, c_n = [], []
     for layer in range(module.num_layers):
         outputs = []
@@ -114,24 +116,25 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
             b_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
             if is_lstm:
                 w_hr = getattr(module, "weight_hr" + suffix) if proj_size > 0 else None
-                out, h, c = lstm_layer(layer_input, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, direction == 1)
+                out, h, c = lstm_layer(layer_input, steps, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, direction == 1)
                 c_n.append(c)
             else:
                 out, h = rnn_layer(
-                    layer_input, h0[k], w_ih, w_hh, b_ih, b_hh, module.nonlinearity, lengths, direction == 1
+                    layer_input, steps, h0[k], w_ih, w_hh, b_ih, b_hh, module.nonlinearity, direction == 1
                 )
             outputs.append(out)
             h_n.append(h)
-        layer_input = torch.cat(outputs, 2) if num_directions == 2 else outputs[0]
+        layer_input = torch.cat(outputs, 1) if num_directions == 2 else outputs[0]
         if module.dropout > 0 and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, True)
     output = layer_input
+    if batch_sizes is None:
+        output = output.view(x.shape[0], B, output.shape[1])
     hidden = (torch.stack(h_n), torch.stack(c_n)) if is_lstm else torch.stack(h_n)
 
     if batch_sizes is not None:
-        packed_data, _ = torch._pack_padded_sequence(output, lengths, False)
         return (
-            PackedSequence(packed_data, batch_sizes, sorted_indices, unsorted_indices),
+            PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
             module.permute_hidden(hidden, unsorted_indices),
         )
     if module.batch_first:

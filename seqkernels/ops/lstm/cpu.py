@@ -71,6 +71,48 @@ def _register_fakes() -> None:
         )
 
 
+    @torch.library.register_fake("seqkernels::lstm_seq_fwd")
+    def _lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
+        N, H = input.shape[0], w_hh.shape[0] // 4
+        P = w_hr.shape[0] if w_hr is not None else H
+        B, ct = h0.shape[0], _compute_dtype(input.dtype)
+        saved = N if train else 0
+        return (
+            input.new_empty(N, P),
+            input.new_empty(B, P),
+            input.new_empty(B, H),
+            input.new_empty(saved, 4 * H, dtype=ct),
+            input.new_empty(saved, H, dtype=ct),
+        )
+
+    @torch.library.register_fake("seqkernels::lstm_seq_bwd")
+    def _lstm_seq_bwd(grad_output, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output,
+                      gates, cells, reverse):
+        return (
+            torch.empty_like(input),
+            torch.empty_like(h0),
+            torch.empty_like(c0),
+            torch.empty_like(w_ih),
+            torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]),
+            torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0, 0),
+        )
+
+    @torch.library.register_fake("seqkernels::rnn_seq_fwd")
+    def _rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse):
+        return input.new_empty(input.shape[0], w_hh.shape[0]), torch.empty_like(h0)
+
+    @torch.library.register_fake("seqkernels::rnn_seq_bwd")
+    def _rnn_seq_bwd(grad_output, grad_hn, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity, reverse):
+        return (
+            torch.empty_like(input),
+            torch.empty_like(h0),
+            torch.empty_like(w_ih),
+            torch.empty_like(w_hh),
+            w_ih.new_empty(w_ih.shape[0]),
+        )
+
+
 _ext.on_load(_register_fakes)
 
 
@@ -88,3 +130,24 @@ def rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
 
 def rnn_cell_bwd(grad_hy, input, hx, w_ih, w_hh, hy, nonlinearity):
     return torch.ops.seqkernels.rnn_cell_bwd(grad_hy, input, hx, w_ih, w_hh, hy, nonlinearity)
+
+
+def lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
+    return torch.ops.seqkernels.lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train)
+
+
+def lstm_seq_bwd(grad_output, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells,
+                 reverse):
+    return torch.ops.seqkernels.lstm_seq_bwd(
+        grad_output, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, output, gates, cells, reverse
+    )
+
+
+def rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse):
+    return torch.ops.seqkernels.rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+
+
+def rnn_seq_bwd(grad_output, grad_hn, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity, reverse):
+    return torch.ops.seqkernels.rnn_seq_bwd(
+        grad_output, grad_hn, input, batch_sizes, h0, w_ih, w_hh, output, nonlinearity, reverse
+    )

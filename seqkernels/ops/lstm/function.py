@@ -119,6 +119,48 @@ class RNNCellFunction(torch.autograd.Function):
         return None, grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None
 
 
+class LSTMLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels: ModuleType, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse: bool):
+        out, h_n, c_n, gates, cells = kernels.lstm_seq_fwd(
+            input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True
+        )
+        ctx.kernels, ctx.reverse, ctx.has_bias = kernels, reverse, b_ih is not None
+        ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn, grad_cn):
+        input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells = ctx.saved_tensors
+        grads = ctx.kernels.lstm_seq_bwd(
+            grad_out, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, ctx.reverse
+        )
+        grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+        grad_bias = grad_bias if ctx.has_bias else None
+        grad_w_hr = grad_w_hr if w_hr is not None else None
+        return None, grad_input, None, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, grad_w_hr, None
+
+
+class RNNLayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels: ModuleType, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity: str,
+                reverse: bool):
+        out, h_n = kernels.rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+        ctx.kernels, ctx.reverse, ctx.has_bias, ctx.nonlinearity = kernels, reverse, b_ih is not None, nonlinearity
+        ctx.save_for_backward(input, batch_sizes, h0, w_ih, w_hh, out)
+        return out, h_n
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn):
+        input, batch_sizes, h0, w_ih, w_hh, out = ctx.saved_tensors
+        grads = ctx.kernels.rnn_seq_bwd(
+            grad_out, grad_hn, input, batch_sizes, h0, w_ih, w_hh, out, ctx.nonlinearity, ctx.reverse
+        )
+        grad_input, grad_h0, grad_w_ih, grad_w_hh, grad_bias = grads
+        grad_bias = grad_bias if ctx.has_bias else None
+        return None, grad_input, None, grad_h0, grad_w_ih, grad_w_hh, grad_bias, grad_bias, None, None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Backend implementations of the dispatched ops
 
@@ -141,6 +183,21 @@ def _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tan
     if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
         return RNNCellFunction.apply(cpu, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return cpu.rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+@backends.register("lstm_layer", "cpu", supports=lambda input, *rest: cpu.supports(input))
+def _lstm_layer_cpu(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False):
+    if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return LSTMLayerFunction.apply(cpu, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    out, h_n, c_n, _, _ = cpu.lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, False)
+    return out, h_n, c_n
+
+
+@backends.register("rnn_layer", "cpu", supports=lambda input, *rest: cpu.supports(input))
+def _rnn_layer_cpu(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", reverse=False):
+    if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+        return RNNLayerFunction.apply(cpu, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+    return cpu.rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -190,6 +247,7 @@ def rnn_cell(
 
 def lstm_layer(
     input: Tensor,
+    batch_sizes: Tensor,
     h0: Tensor,
     c0: Tensor,
     w_ih: Tensor,
@@ -197,25 +255,28 @@ def lstm_layer(
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     w_hr: Optional[Tensor] = None,
-    lengths: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer and direction over a time-major sequence (see ``reference.lstm_layer``)."""
-    impl = backends.select("lstm_layer", input.device, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    return impl.fn(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    """One LSTM layer and direction over packed rows (layout in ``reference``): ``(output, h_n, c_n)``.
+
+    Shapes: input (N, I), batch_sizes (T,) int64 CPU, h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P),
+    w_hr (P, H) or None (then P = H).
+    """
+    impl = backends.select("lstm_layer", input.device, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    return impl.fn(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
 
 def rnn_layer(
     input: Tensor,
+    batch_sizes: Tensor,
     h0: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     nonlinearity: str = "tanh",
-    lengths: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """One RNN layer and direction over a time-major sequence (see ``reference.rnn_layer``)."""
-    impl = backends.select("rnn_layer", input.device, input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse)
-    return impl.fn(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse)
+    """One RNN layer and direction over packed rows (layout in ``reference``): ``(output, h_n)``."""
+    impl = backends.select("rnn_layer", input.device, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+    return impl.fn(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)

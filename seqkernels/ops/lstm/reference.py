@@ -3,10 +3,12 @@
 Written for clarity, not speed: one step at a time, differentiable by autograd, any device and floating dtype
 (float64 included). Gate order i, f, g, o and all conventions as ``torch.nn.LSTM`` / ``torch.nn.RNN``.
 
-Layer functions take time-major input ``(T, B, input_size)`` and optional per-sequence ``lengths`` (``(B,)``
-int64, each in ``[1, T]``): sequence b takes part in steps ``t < lengths[b]`` only; its outputs past its length
-are zero and its final state is the state at its own length. ``reverse=True`` runs each sequence backwards from
-its own last step (the second direction of a bidirectional layer).
+Layer functions take the packed-rows layout of ``torch.nn.utils.rnn.PackedSequence``: ``input`` is
+``(N, input_size)``, the rows of all time steps one after the other, and ``batch_sizes`` (``(T,)`` int64,
+non-increasing) says how many sequences take part in each step; the rows of step t belong to sequences
+``0 .. batch_sizes[t] - 1``. A batch of equal lengths is ``batch_sizes[t] = B``. A sequence's outputs exist only
+for its own steps, and its final state is its state after its last step. ``reverse=True`` runs each sequence
+backwards from its own last step (the second direction of a bidirectional layer).
 """
 from __future__ import annotations
 
@@ -58,19 +60,17 @@ def rnn_cell(
     raise ValueError(f"rnn_cell: expected nonlinearity 'tanh' or 'relu', got {nonlinearity!r}")
 
 
-def _steps(T: int, reverse: bool):
-    return range(T - 1, -1, -1) if reverse else range(T)
-
-
-def _active(lengths: Optional[Tensor], t: int, like: Tensor) -> Optional[Tensor]:
-    """(B, 1) boolean: which sequences take part in step t (None: all)."""
-    if lengths is None:
-        return None
-    return (t < lengths).to(like.device).unsqueeze(1)
+def _offsets(batch_sizes: Tensor):
+    sizes = [int(n) for n in batch_sizes.tolist()]
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    return sizes, offsets
 
 
 def lstm_layer(
     input: Tensor,
+    batch_sizes: Tensor,
     h0: Tensor,
     c0: Tensor,
     w_ih: Tensor,
@@ -78,44 +78,39 @@ def lstm_layer(
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     w_hr: Optional[Tensor] = None,
-    lengths: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer, one direction: returns ``(output (T, B, P), h_n (B, P), c_n (B, H))``."""
+    """One LSTM layer, one direction: returns ``(output (N, P), h_n (B, P), c_n (B, H))``."""
+    sizes, offsets = _offsets(batch_sizes)
     h, c = h0, c0
-    outputs = [None] * input.shape[0]
-    for t in _steps(input.shape[0], reverse):
-        h_new, c_new = lstm_cell(input[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
-        active = _active(lengths, t, h_new)
-        if active is None:
-            h, c, outputs[t] = h_new, c_new, h_new
-        else:
-            h = torch.where(active, h_new, h)
-            c = torch.where(active, c_new, c)
-            outputs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
-    return torch.stack(outputs), h, c
+    outputs = [None] * len(sizes)
+    for t in reversed(range(len(sizes))) if reverse else range(len(sizes)):
+        n, o = sizes[t], offsets[t]
+        h_new, c_new = lstm_cell(input[o : o + n], h[:n], c[:n], w_ih, w_hh, b_ih, b_hh, w_hr)
+        outputs[t] = h_new
+        # Rows past n have finished (forward) or not started yet (reverse): their state is kept as is.
+        h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
+    return torch.cat(outputs), h, c
 
 
 def rnn_layer(
     input: Tensor,
+    batch_sizes: Tensor,
     h0: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     nonlinearity: str = "tanh",
-    lengths: Optional[Tensor] = None,
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """One RNN layer, one direction: returns ``(output (T, B, H), h_n (B, H))``."""
+    """One RNN layer, one direction: returns ``(output (N, H), h_n (B, H))``."""
+    sizes, offsets = _offsets(batch_sizes)
     h = h0
-    outputs = [None] * input.shape[0]
-    for t in _steps(input.shape[0], reverse):
-        h_new = rnn_cell(input[t], h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-        active = _active(lengths, t, h_new)
-        if active is None:
-            h, outputs[t] = h_new, h_new
-        else:
-            h = torch.where(active, h_new, h)
-            outputs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
-    return torch.stack(outputs), h
+    outputs = [None] * len(sizes)
+    for t in reversed(range(len(sizes))) if reverse else range(len(sizes)):
+        n, o = sizes[t], offsets[t]
+        h_new = rnn_cell(input[o : o + n], h[:n], w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        outputs[t] = h_new
+        h = torch.cat([h_new, h[n:]])
+    return torch.cat(outputs), h

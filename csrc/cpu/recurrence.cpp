@@ -1,0 +1,690 @@
+// Whole-sequence LSTM and RNN layers (one layer, one direction per call), forward and backward through time.
+//
+// Layout: the packed-rows form of torch's PackedSequence. `input` is (N, input_size); `batch_sizes` (T,) says how
+// many sequences take part in each time step (non-increasing: sequences sorted by decreasing length), and the
+// rows of step t are the `batch_sizes[t]` rows that follow those of steps < t. A batch of equal lengths is the
+// case batch_sizes[t] = B, N = T * B. Because the sequences active at step t are always a prefix of the batch,
+// finished sequences simply stop being computed, outputs exist only for real steps, and each sequence's final
+// state is its state at its own length.
+//
+// Forward: the input projection of all steps is one GEMM (at::addmm, the BLAS). The recurrence then runs in one
+// OpenMP team for the whole sequence: each thread owns a slice of the hidden units, packs the matching rows of
+// W_hh once (so they stay in its cache for every step), and per step computes its slice of h_{t-1} @ W_hh^T
+// with a register-blocked micro-kernel followed by the fused gate activations and state update of its own
+// units. One barrier per step publishes h_t (two with a projection, which is split by output columns).
+//
+// Backward: per step (in reverse processing order) the gate gradients of each thread's units, a barrier, then
+// dh_{t-1} = dG_t @ W_hh split by columns, a barrier. The input and weight gradients are GEMMs over all steps
+// at once afterwards.
+//
+// Every multiply-add chain has a fixed order, independent of how the work is split between threads: results
+// do not depend on the thread count (beyond the BLAS GEMMs) and are bitwise reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../common.h"
+#include "gemm_kernel.h"
+#include "vec_math.h"
+
+namespace seqkernels {
+namespace {
+
+using at::Tensor;
+using gemm::round_up;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Time schedule of a packed batch
+
+struct Schedule {
+  int64_t T = 0, B = 0, N = 0;
+  bool reverse = false;
+  std::vector<int64_t> bs, off;  // per time index t: active rows, offset of the step's first row
+
+  // Time index of the s-th step in forward processing order.
+  int64_t t_of(int64_t s) const { return reverse ? T - 1 - s : s; }
+  // Active rows of the step processed after the s-th (0 after the last). Rows in [bs_after(s), bs[t_of(s)])
+  // take their last step at s.
+  int64_t bs_after(int64_t s) const { return s + 1 < T ? bs[t_of(s + 1)] : 0; }
+  // Packed row holding the state that row b of step t starts from, or -1 for the initial state.
+  int64_t prev_row(int64_t t, int64_t b) const {
+    if (!reverse) return t > 0 ? off[t - 1] + b : -1;
+    return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
+  }
+};
+
+Schedule make_schedule(const char* op, const Tensor& batch_sizes, int64_t N, int64_t B, bool reverse) {
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1,
+              op, ": expected batch_sizes to be a 1-D int64 CPU tensor, got a ", batch_sizes.dim(), "-D ",
+              batch_sizes.scalar_type(), " tensor on ", batch_sizes.device());
+  Schedule s;
+  s.T = batch_sizes.size(0);
+  s.B = B;
+  s.reverse = reverse;
+  TORCH_CHECK(s.T > 0, op, ": expected at least one time step (batch_sizes of length > 0), got 0");
+  const Tensor bsc = batch_sizes.contiguous();
+  const int64_t* p = bsc.data_ptr<int64_t>();
+  s.bs.assign(p, p + s.T);
+  s.off.resize(s.T);
+  TORCH_CHECK(s.bs[0] == B, op, ": expected batch_sizes[0] to equal the batch size of h0 (", B, "), got ", s.bs[0]);
+  int64_t total = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    TORCH_CHECK(s.bs[t] >= (B > 0 ? 1 : 0), op, ": expected batch_sizes[", t, "] >= 1, got ", s.bs[t]);
+    TORCH_CHECK(t == 0 || s.bs[t] <= s.bs[t - 1], op,
+                ": expected batch_sizes to be non-increasing (sequences sorted by decreasing length), got ",
+                s.bs[t], " after ", s.bs[t - 1], " at step ", t);
+    s.off[t] = total;
+    total += s.bs[t];
+  }
+  TORCH_CHECK(total == N, op, ": expected input to have sum(batch_sizes) = ", total, " rows, got ", N);
+  s.N = N;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Work split
+
+struct Range {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+
+// Thread `tid` of `team` gets a contiguous block of [0, n), aligned to `align` so vectors do not straddle threads.
+Range split(int64_t n, int team, int tid, int64_t align) {
+  const int64_t chunk = round_up((n + team - 1) / team, align);
+  Range r;
+  r.begin = std::min(n, tid * chunk);
+  r.end = std::min(n, r.begin + chunk);
+  return r;
+}
+
+// Threads for a recurrence: one per 16 hidden units at most, and one in all when a step is too small to pay
+// for a barrier.
+int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
+  const int64_t step_madds = B * gates * H * P;
+  if (step_madds < 16384 || at::in_parallel_region()) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16)));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `x` points at the unit j0 of the step's row of
+// the input projection (gate k of unit j at x[k * H + j]); `g` at the thread's recurrent sums (gate k of local
+// unit jj at g[k * Jn + jj]).
+
+template <typename T, bool kSave>
+inline void lstm_units_fwd(const T* __restrict__ x, int64_t H, const T* __restrict__ g, int64_t Jn,
+                           T* __restrict__ c, T* __restrict__ h, T* __restrict__ save_gates,
+                           T* __restrict__ save_cell) {
+  for (int64_t jj = 0; jj < Jn; ++jj) {
+    const T i = vec_math::sigmoid(x[jj] + g[jj]);
+    const T f = vec_math::sigmoid(x[H + jj] + g[Jn + jj]);
+    const T gg = vec_math::tanh(x[2 * H + jj] + g[2 * Jn + jj]);
+    const T o = vec_math::sigmoid(x[3 * H + jj] + g[3 * Jn + jj]);
+    const T cn = f * c[jj] + i * gg;
+    c[jj] = cn;
+    h[jj] = o * vec_math::tanh(cn);
+    if (kSave) {
+      save_gates[jj] = i;
+      save_gates[H + jj] = f;
+      save_gates[2 * H + jj] = gg;
+      save_gates[3 * H + jj] = o;
+      save_cell[jj] = cn;
+    }
+  }
+}
+
+template <typename T, bool kProj>
+inline void lstm_units_bwd(const T* __restrict__ gates, int64_t H, const T* __restrict__ cell,
+                           const T* __restrict__ cprev, const T* __restrict__ dh, T* __restrict__ dc,
+                           T* __restrict__ dG, T* __restrict__ htilde, int64_t Jn) {
+  for (int64_t jj = 0; jj < Jn; ++jj) {
+    const T i = gates[jj], f = gates[H + jj], g = gates[2 * H + jj], o = gates[3 * H + jj];
+    const T tc = vec_math::tanh(cell[jj]);
+    const T d = dc[jj] + dh[jj] * o * (T(1) - tc * tc);
+    dG[jj] = d * g * i * (T(1) - i);
+    dG[H + jj] = d * cprev[jj] * f * (T(1) - f);
+    dG[2 * H + jj] = d * i * (T(1) - g * g);
+    dG[3 * H + jj] = dh[jj] * tc * o * (T(1) - o);
+    dc[jj] = d * f;
+    if (kProj) htilde[jj] = o * tc;
+  }
+}
+
+template <typename T>
+inline void rnn_units_fwd(const T* __restrict__ x, const T* __restrict__ g, int64_t Jn, bool relu,
+                          T* __restrict__ h) {
+  if (relu) {
+    for (int64_t jj = 0; jj < Jn; ++jj) {
+      const T v = x[jj] + g[jj];
+      h[jj] = v > T(0) ? v : T(0);
+    }
+  } else {
+    for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = vec_math::tanh(x[jj] + g[jj]);
+  }
+}
+
+// Packs rows [r0, r0 + rows) x columns [k0, k0 + K) of a row-major (.., ld) matrix W transposed: out[k][r] =
+// W[r0 + r][k0 + k], rows padded with zeros to `ldo`. `row_of(r)` maps a packed column to W's row.
+template <typename T, typename RowOf>
+void pack_transposed(const T* W, int64_t ld, int64_t rows, RowOf row_of, int64_t k0, int64_t K, T* out,
+                     int64_t ldo) {
+  for (int64_t k = 0; k < K; ++k) {
+    T* dst = out + k * ldo;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = W[row_of(r) * ld + k0 + k];
+    for (int64_t r = rows; r < ldo; ++r) dst[r] = T(0);
+  }
+}
+
+// Packs rows [0, R) x columns [c0, c0 + C) of a row-major (R, ld) matrix as is, rows padded to `ldo`.
+template <typename T>
+void pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int64_t C, T* out, int64_t ldo) {
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = out + r * ldo;
+    for (int64_t c = 0; c < C; ++c) dst[c] = W[r * ld + c0 + c];
+    for (int64_t c = C; c < ldo; ++c) dst[c] = T(0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LSTM forward
+
+template <typename T>
+struct LstmFwd {
+  const T* xg;    // (N, 4H) input projection plus both biases
+  const T* w_hh;  // (4H, P)
+  const T* w_hr;  // (P, H) or null
+  const T* h0;    // (B, P)
+  const T* c0;    // (B, H)
+  T* out;         // (N, P)
+  T* h_n;         // (B, P)
+  T* c_n;         // (B, H)
+  T* gates;       // (N, 4H) activated gates, or null when not training
+  T* cells;       // (N, H) cell states, or null when not training
+  int64_t H, P;
+};
+
+template <typename T>
+void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
+  constexpr int64_t L = gemm::lanes<T>();
+  const int64_t H = a.H, P = a.P, B = S.B;
+  const bool proj = a.w_hr != nullptr;
+  std::vector<T> hbuf(2 * B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
+  std::copy(a.h0, a.h0 + B * P, hbuf.begin());
+  std::copy(a.h0, a.h0 + B * P, hbuf.begin() + B * P);
+  const int team = team_size(4, H, P, B);
+#pragma omp parallel num_threads(team)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Range J = split(H, nt, tid, L);
+    const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
+    std::vector<T> Wp(P * ldg), G(B * ldg);
+    pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; }, 0, P,
+                    Wp.data(), ldg);
+    const Range Q = proj ? split(P, nt, tid, L) : Range{};
+    const int64_t ldq = round_up(Q.size(), L);
+    std::vector<T> Rp(proj ? H * ldq : 0), Y(proj ? B * ldq : 0);
+    if (proj) pack_transposed(a.w_hr, H, Q.size(), [&](int64_t r) { return Q.begin + r; }, 0, H, Rp.data(), ldq);
+    const Range own = proj ? Q : J;  // the columns of h this thread writes
+
+    for (int64_t s = 0; s < S.T; ++s) {
+      const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
+      const T* h_cur = hbuf.data() + (s & 1) * B * P;
+      T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
+      if (Jn > 0 && bs > 0) {
+        gemm::matmul<T>(bs, ldg, P, h_cur, P, Wp.data(), ldg, G.data(), ldg);
+        for (int64_t b = 0; b < bs; ++b) {
+          const int64_t row = off + b;
+          T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
+          const T* x = a.xg + row * 4 * H + J.begin;
+          T* c = cbuf.data() + b * H + J.begin;
+          if (a.gates)
+            lstm_units_fwd<T, true>(x, H, G.data() + b * ldg, Jn, c, h, a.gates + row * 4 * H + J.begin,
+                                    a.cells + row * H + J.begin);
+          else
+            lstm_units_fwd<T, false>(x, H, G.data() + b * ldg, Jn, c, h, nullptr, nullptr);
+          if (!proj) std::copy(h, h + Jn, a.out + row * P + J.begin);
+        }
+      }
+      if (proj) {
+#pragma omp barrier
+        if (Q.size() > 0 && bs > 0) {
+          gemm::matmul<T>(bs, ldq, H, htilde.data(), H, Rp.data(), ldq, Y.data(), ldq);
+          for (int64_t b = 0; b < bs; ++b) {
+            std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Q.size(), h_nxt + b * P + Q.begin);
+            std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Q.size(), a.out + (off + b) * P + Q.begin);
+          }
+        }
+      }
+      for (int64_t b = done; b < bs; ++b) {  // rows whose last step this was: final states
+        std::copy(h_nxt + b * P + own.begin, h_nxt + b * P + own.end, a.h_n + b * P + own.begin);
+        std::copy(cbuf.data() + b * H + J.begin, cbuf.data() + b * H + J.end, a.c_n + b * H + J.begin);
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LSTM backward through time
+
+template <typename T>
+struct LstmBwd {
+  const T* grad_out;  // (N, P)
+  const T* grad_hn;   // (B, P)
+  const T* grad_cn;   // (B, H)
+  const T* gates;     // (N, 4H) saved activated gates
+  const T* cells;     // (N, H) saved cell states
+  const T* c0;        // (B, H)
+  const T* w_hh;      // (4H, P)
+  const T* w_hr;      // (P, H) or null
+  T* dG;              // (N, 4H) out: gradients of the gate pre-activations
+  T* DH;              // (N, P) out, projection only: gradient reaching h at each step
+  T* Ht;              // (N, H) out, projection only: o * tanh(c) at each step
+  T* grad_h0;         // (B, P)
+  T* grad_c0;         // (B, H)
+  int64_t H, P;
+};
+
+template <typename T>
+void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
+  constexpr int64_t L = gemm::lanes<T>();
+  const int64_t H = a.H, P = a.P, B = S.B, T_ = S.T;
+  const bool proj = a.w_hr != nullptr;
+  auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };  // time index of the s-th backward step
+  // dh double buffer: rows not yet reached hold grad_hn; the first step's rows also get their output gradient.
+  std::vector<T> dhbuf(2 * B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
+  std::copy(a.grad_hn, a.grad_hn + B * P, dhbuf.begin());
+  std::copy(a.grad_hn, a.grad_hn + B * P, dhbuf.begin() + B * P);
+  {
+    const int64_t t0 = t_bwd(0);
+    for (int64_t b = 0; b < S.bs[t0]; ++b)
+      for (int64_t p = 0; p < P; ++p) {
+        dhbuf[b * P + p] += a.grad_out[(S.off[t0] + b) * P + p];
+        if (proj) a.DH[(S.off[t0] + b) * P + p] = dhbuf[b * P + p];
+      }
+  }
+  const int team = team_size(4, H, P, B);
+#pragma omp parallel num_threads(team)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Range J = split(H, nt, tid, L), Q = split(P, nt, tid, L);
+    const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
+    std::vector<T> Wp(4 * H * ldq), Y(B * ldq);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
+    pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, Wp.data(), ldq);
+    std::vector<T> Rp(proj ? P * ldj : 0), D(proj ? B * ldj : 0);  // W_hr[:, J] for dh~ = dh @ W_hr
+    if (proj) pack_columns(a.w_hr, H, P, J.begin, Jn, Rp.data(), ldj);
+
+    for (int64_t s = 0; s < T_; ++s) {
+      const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
+      const int64_t t2 = s + 1 < T_ ? t_bwd(s + 1) : -1;
+      const int64_t bs2 = t2 >= 0 ? S.bs[t2] : 0, off2 = t2 >= 0 ? S.off[t2] : 0;
+      const T* dh_cur = dhbuf.data() + (s & 1) * B * P;
+      T* dh_nxt = dhbuf.data() + ((s + 1) & 1) * B * P;
+      if (Jn > 0 && bs > 0) {  // gate gradients of this thread's units
+        const T* dht = dh_cur + J.begin;
+        int64_t ld_dht = P;
+        if (proj) {
+          gemm::matmul<T>(bs, ldj, P, dh_cur, P, Rp.data(), ldj, D.data(), ldj);
+          dht = D.data();
+          ld_dht = ldj;
+        }
+        for (int64_t b = 0; b < bs; ++b) {
+          const int64_t row = off + b, prev = S.prev_row(t, b);
+          const T* cprev = (prev >= 0 ? a.cells + prev * H : a.c0 + b * H) + J.begin;
+          T* dc = dcbuf.data() + b * H + J.begin;
+          const T* g = a.gates + row * 4 * H + J.begin;
+          T* dG = a.dG + row * 4 * H + J.begin;
+          if (proj)
+            lstm_units_bwd<T, true>(g, H, a.cells + row * H + J.begin, cprev, dht + b * ld_dht, dc, dG,
+                                    a.Ht + row * H + J.begin, Jn);
+          else
+            lstm_units_bwd<T, false>(g, H, a.cells + row * H + J.begin, cprev, dht + b * ld_dht, dc, dG,
+                                     nullptr, Jn);
+        }
+      }
+#pragma omp barrier
+      if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
+        if (bs > 0) gemm::matmul<T>(bs, ldq, 4 * H, a.dG + off * 4 * H, 4 * H, Wp.data(), ldq, Y.data(), ldq);
+        for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
+          if (b < bs2) {
+            const T* base = b < bs ? Y.data() + b * ldq : a.grad_hn + b * P + Q.begin;  // b >= bs: starts next
+            const T* go = a.grad_out + (off2 + b) * P + Q.begin;
+            T* dst = dh_nxt + b * P + Q.begin;
+            for (int64_t q = 0; q < Qn; ++q) dst[q] = base[q] + go[q];
+            if (proj) std::copy(dst, dst + Qn, a.DH + (off2 + b) * P + Q.begin);
+          } else {  // this was the row's first step: what reaches its initial state
+            std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Qn, a.grad_h0 + b * P + Q.begin);
+          }
+        }
+      }
+#pragma omp barrier
+    }
+  }
+  std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RNN forward and backward (one gate, P = H)
+
+template <typename T>
+void rnn_forward(const Schedule& S, const T* xg, const T* w_hh, const T* h0, bool relu, T* out, T* h_n,
+                 int64_t H) {
+  constexpr int64_t L = gemm::lanes<T>();
+  const int64_t B = S.B;
+  std::vector<T> hbuf(2 * B * H);
+  std::copy(h0, h0 + B * H, hbuf.begin());
+  std::copy(h0, h0 + B * H, hbuf.begin() + B * H);
+  const int team = team_size(1, H, H, B);
+#pragma omp parallel num_threads(team)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Range J = split(H, nt, tid, L);
+    const int64_t Jn = J.size(), ldg = round_up(Jn, L);
+    std::vector<T> Wp(H * ldg), G(B * ldg);
+    pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, 0, H, Wp.data(), ldg);
+    for (int64_t s = 0; s < S.T; ++s) {
+      const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
+      const T* h_cur = hbuf.data() + (s & 1) * B * H;
+      T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
+      if (Jn > 0 && bs > 0) {
+        gemm::matmul<T>(bs, ldg, H, h_cur, H, Wp.data(), ldg, G.data(), ldg);
+        for (int64_t b = 0; b < bs; ++b) {
+          T* h = h_nxt + b * H + J.begin;
+          rnn_units_fwd(xg + (off + b) * H + J.begin, G.data() + b * ldg, Jn, relu, h);
+          std::copy(h, h + Jn, out + (off + b) * H + J.begin);
+        }
+      }
+      for (int64_t b = done; b < bs; ++b)
+        std::copy(h_nxt + b * H + J.begin, h_nxt + b * H + J.end, h_n + b * H + J.begin);
+#pragma omp barrier
+    }
+  }
+}
+
+template <typename T>
+void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const T* out, const T* w_hh, bool relu,
+                  T* dG, T* grad_h0, int64_t H) {
+  constexpr int64_t L = gemm::lanes<T>();
+  const int64_t B = S.B, T_ = S.T;
+  auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
+  std::vector<T> dhbuf(2 * B * H);
+  std::copy(grad_hn, grad_hn + B * H, dhbuf.begin());
+  std::copy(grad_hn, grad_hn + B * H, dhbuf.begin() + B * H);
+  {
+    const int64_t t0 = t_bwd(0);
+    for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
+  }
+  const int team = team_size(1, H, H, B);
+#pragma omp parallel num_threads(team)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Range J = split(H, nt, tid, L);
+    const int64_t Jn = J.size(), ldq = round_up(Jn, L);
+    std::vector<T> Wp(H * ldq), Y(B * ldq);
+    pack_columns(w_hh, H, H, J.begin, Jn, Wp.data(), ldq);
+    for (int64_t s = 0; s < T_; ++s) {
+      const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
+      const int64_t t2 = s + 1 < T_ ? t_bwd(s + 1) : -1;
+      const int64_t bs2 = t2 >= 0 ? S.bs[t2] : 0, off2 = t2 >= 0 ? S.off[t2] : 0;
+      const T* dh_cur = dhbuf.data() + (s & 1) * B * H;
+      T* dh_nxt = dhbuf.data() + ((s + 1) & 1) * B * H;
+      for (int64_t b = 0; b < bs; ++b) {
+        const T* dh = dh_cur + b * H + J.begin;
+        const T* y = out + (off + b) * H + J.begin;
+        T* d = dG + (off + b) * H + J.begin;
+        if (relu)
+          for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = y[jj] > T(0) ? dh[jj] : T(0);
+        else
+          for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = dh[jj] * (T(1) - y[jj] * y[jj]);
+      }
+#pragma omp barrier
+      if (Jn > 0) {
+        if (bs > 0) gemm::matmul<T>(bs, ldq, H, dG + off * H, H, Wp.data(), ldq, Y.data(), ldq);
+        for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
+          if (b < bs2) {
+            const T* base = b < bs ? Y.data() + b * ldq : grad_hn + b * H + J.begin;
+            const T* go = grad_out + (off2 + b) * H + J.begin;
+            T* dst = dh_nxt + b * H + J.begin;
+            for (int64_t q = 0; q < Jn; ++q) dst[q] = base[q] + go[q];
+          } else {
+            std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Jn, grad_h0 + b * H + J.begin);
+          }
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Op entry points
+
+// (N, P) matrix of the state each row started from: the previous step's output row, or h0.
+Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
+  Tensor prev = at::empty_like(out);
+  const int64_t P = out.size(1);
+  const int64_t es = out.element_size();
+  const char* o = static_cast<const char*>(out.data_ptr());
+  const char* h = static_cast<const char*>(h0.data_ptr());
+  char* dst = static_cast<char*>(prev.data_ptr());
+  for (int64_t t = 0; t < S.T; ++t)
+    for (int64_t b = 0; b < S.bs[t]; ++b) {
+      const int64_t r = S.prev_row(t, b);
+      std::memcpy(dst + (S.off[t] + b) * P * es, r >= 0 ? o + r * P * es : h + b * P * es, P * es);
+    }
+  return prev;
+}
+
+Tensor input_projection(const Tensor& input, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
+                        const std::optional<Tensor>& b_hh) {
+  const auto ct = compute_type(input.scalar_type());
+  if (b_ih.has_value()) return at::addmm(b_ih->to(ct) + b_hh->to(ct), input.to(ct), w_ih.to(ct).t());
+  return at::mm(input.to(ct), w_ih.to(ct).t());
+}
+
+void check_bias_pair(const char* op, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                     int64_t rows, const char* layout, const Tensor& input) {
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": expected b_ih and b_hh to be both tensors or both None");
+  if (b_ih.has_value()) {
+    check_arg(op, "b_ih", *b_ih, {rows}, layout, "input", input);
+    check_arg(op, "b_hh", *b_hh, {rows}, layout, "input", input);
+  }
+}
+
+// Shapes of an LSTM layer call: returns {H, P}.
+std::pair<int64_t, int64_t> check_lstm_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& c0,
+                                             const Tensor& w_ih, const Tensor& w_hh,
+                                             const std::optional<Tensor>& w_hr) {
+  check_cpu_float(op, "input", input);
+  check_dim(op, "input", input, 2, "(rows, input_size)");
+  check_cpu_float(op, "w_ih", w_ih);
+  check_same_dtype(op, "w_ih", w_ih, "input", input);
+  check_dim(op, "w_ih", w_ih, 2, "(4 * hidden_size, input_size)");
+  TORCH_CHECK(w_ih.size(0) > 0 && w_ih.size(0) % 4 == 0, op,
+              ": expected w_ih.size(0) to be a positive multiple of 4 (4 * hidden_size), got ", w_ih.size(0));
+  const int64_t H = w_ih.size(0) / 4;
+  int64_t P = H;
+  if (w_hr.has_value()) {
+    check_cpu_float(op, "w_hr", *w_hr);
+    check_dim(op, "w_hr", *w_hr, 2, "(proj_size, hidden_size)");
+    P = w_hr->size(0);
+    TORCH_CHECK(P > 0, op, ": expected w_hr to have proj_size > 0 rows, got 0");
+    check_arg(op, "w_hr", *w_hr, {P, H}, "(proj_size, hidden_size)", "input", input);
+  }
+  check_arg(op, "w_ih", w_ih, {4 * H, input.size(1)}, "(4 * hidden_size, input_size)", "input", input);
+  check_arg(op, "w_hh", w_hh, {4 * H, P}, "(4 * hidden_size, proj_size or hidden_size)", "input", input);
+  check_cpu_float(op, "h0", h0);
+  check_dim(op, "h0", h0, 2, "(batch, proj_size or hidden_size)");
+  const int64_t B = h0.size(0);
+  check_arg(op, "h0", h0, {B, P}, "(batch, proj_size or hidden_size)", "input", input);
+  check_arg(op, "c0", c0, {B, H}, "(batch, hidden_size)", "input", input);
+  return {H, P};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
+    const Tensor& input, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, bool reverse, bool train) {
+  constexpr const char* op = "seqkernels::lstm_seq_fwd";
+  const auto [H, P] = check_lstm_layer(op, input, h0, c0, w_ih, w_hh, w_hr);
+  check_bias_pair(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
+  const int64_t B = h0.size(0), N = input.size(0);
+  const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
+
+  const auto dt = input.scalar_type(), ct = compute_type(dt);
+  const Tensor xg = input_projection(input, w_ih, b_ih, b_hh).contiguous();
+  const Tensor whh = to_compute(w_hh), h0c = to_compute(h0), c0c = to_compute(c0);
+  const Tensor whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
+  const auto opts = xg.options();
+  Tensor out = at::empty({N, P}, opts), h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
+  Tensor gates = at::empty({train ? N : 0, 4 * H}, opts), cells = at::empty({train ? N : 0, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_fwd", [&] {
+    LstmFwd<scalar_t> a{xg.data_ptr<scalar_t>(),
+                        whh.data_ptr<scalar_t>(),
+                        whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
+                        h0c.data_ptr<scalar_t>(),
+                        c0c.data_ptr<scalar_t>(),
+                        out.data_ptr<scalar_t>(),
+                        h_n.data_ptr<scalar_t>(),
+                        c_n.data_ptr<scalar_t>(),
+                        train ? gates.data_ptr<scalar_t>() : nullptr,
+                        train ? cells.data_ptr<scalar_t>() : nullptr,
+                        H,
+                        P};
+    lstm_forward(S, a);
+  });
+  return {out.to(dt), h_n.to(dt), c_n.to(dt), gates, cells};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
+    const Tensor& grad_output, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& input,
+    const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const Tensor& output, const Tensor& gates, const Tensor& cells,
+    bool reverse) {
+  constexpr const char* op = "seqkernels::lstm_seq_bwd";
+  const auto [H, P] = check_lstm_layer(op, input, h0, c0, w_ih, w_hh, w_hr);
+  const int64_t B = h0.size(0), N = input.size(0);
+  const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
+  const auto dt = input.scalar_type(), ct = compute_type(dt);
+  check_arg(op, "grad_output", grad_output, {N, P}, "(rows, proj_size or hidden_size)", "input", input);
+  check_arg(op, "grad_hn", grad_hn, {B, P}, "(batch, proj_size or hidden_size)", "input", input);
+  check_arg(op, "grad_cn", grad_cn, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "output", output, {N, P}, "(rows, proj_size or hidden_size)", "input", input);
+  for (const auto& [name, t, cols] : {std::tuple<const char*, const Tensor&, int64_t>{"gates", gates, 4 * H},
+                                      std::tuple<const char*, const Tensor&, int64_t>{"cells", cells, H}}) {
+    check_cpu_float(op, name, t);
+    TORCH_CHECK(t.scalar_type() == ct, op, ": expected ", name, " (saved by lstm_seq_fwd with train=True) to have dtype ",
+                ct, ", got ", t.scalar_type());
+    check_shape(op, name, t, {N, cols}, "(rows, 4 * hidden_size or hidden_size)");
+  }
+
+  const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), gcn = to_compute(grad_cn);
+  const Tensor g = gates.contiguous(), cs = cells.contiguous(), c0c = to_compute(c0);
+  const Tensor whh = to_compute(w_hh), whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
+  const auto opts = g.options();
+  Tensor dG = at::empty({N, 4 * H}, opts);
+  Tensor DH = at::empty({whr.defined() ? N : 0, P}, opts), Ht = at::empty({whr.defined() ? N : 0, H}, opts);
+  Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
+    LstmBwd<scalar_t> a{go.data_ptr<scalar_t>(),  ghn.data_ptr<scalar_t>(), gcn.data_ptr<scalar_t>(),
+                        g.data_ptr<scalar_t>(),   cs.data_ptr<scalar_t>(),  c0c.data_ptr<scalar_t>(),
+                        whh.data_ptr<scalar_t>(), whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
+                        dG.data_ptr<scalar_t>(),  whr.defined() ? DH.data_ptr<scalar_t>() : nullptr,
+                        whr.defined() ? Ht.data_ptr<scalar_t>() : nullptr,
+                        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), H, P};
+    lstm_backward(S, a);
+  });
+  const Tensor hprev = previous_states(S, to_compute(output), to_compute(h0));
+  Tensor grad_input = at::mm(dG, w_ih.to(ct)).to(dt);
+  Tensor grad_w_ih = at::mm(dG.t(), input.to(ct)).to(dt);
+  Tensor grad_w_hh = at::mm(dG.t(), hprev).to(dt);
+  Tensor grad_bias = dG.sum(0).to(dt);
+  Tensor grad_w_hr = whr.defined() ? at::mm(DH.t(), Ht).to(dt) : at::empty({0, 0}, input.options());
+  return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+bool relu_of(const char* op, const std::string& nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
+              ": expected nonlinearity to be 'tanh' or 'relu', got '", nonlinearity, "'");
+  return nonlinearity == "relu";
+}
+
+int64_t check_rnn_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
+                        const Tensor& w_hh) {
+  check_cpu_float(op, "input", input);
+  check_dim(op, "input", input, 2, "(rows, input_size)");
+  check_cpu_float(op, "w_ih", w_ih);
+  check_same_dtype(op, "w_ih", w_ih, "input", input);
+  check_dim(op, "w_ih", w_ih, 2, "(hidden_size, input_size)");
+  const int64_t H = w_ih.size(0);
+  TORCH_CHECK(H > 0, op, ": expected w_ih to have hidden_size > 0 rows, got 0");
+  check_arg(op, "w_ih", w_ih, {H, input.size(1)}, "(hidden_size, input_size)", "input", input);
+  check_arg(op, "w_hh", w_hh, {H, H}, "(hidden_size, hidden_size)", "input", input);
+  check_cpu_float(op, "h0", h0);
+  check_dim(op, "h0", h0, 2, "(batch, hidden_size)");
+  check_arg(op, "h0", h0, {h0.size(0), H}, "(batch, hidden_size)", "input", input);
+  return H;
+}
+
+std::tuple<Tensor, Tensor> rnn_seq_fwd(const Tensor& input, const Tensor& batch_sizes, const Tensor& h0,
+                                       const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                       const std::optional<Tensor>& b_hh, const std::string& nonlinearity,
+                                       bool reverse) {
+  constexpr const char* op = "seqkernels::rnn_seq_fwd";
+  const bool relu = relu_of(op, nonlinearity);
+  const int64_t H = check_rnn_layer(op, input, h0, w_ih, w_hh);
+  check_bias_pair(op, b_ih, b_hh, H, "(hidden_size)", input);
+  const int64_t B = h0.size(0), N = input.size(0);
+  const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
+  const auto dt = input.scalar_type(), ct = compute_type(dt);
+  const Tensor xg = input_projection(input, w_ih, b_ih, b_hh).contiguous();
+  const Tensor whh = to_compute(w_hh), h0c = to_compute(h0);
+  Tensor out = at::empty({N, H}, xg.options()), h_n = at::empty({B, H}, xg.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_fwd", [&] {
+    rnn_forward<scalar_t>(S, xg.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(), relu,
+                          out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), H);
+  });
+  return {out.to(dt), h_n.to(dt)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
+    const Tensor& grad_output, const Tensor& grad_hn, const Tensor& input, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const std::string& nonlinearity,
+    bool reverse) {
+  constexpr const char* op = "seqkernels::rnn_seq_bwd";
+  const bool relu = relu_of(op, nonlinearity);
+  const int64_t H = check_rnn_layer(op, input, h0, w_ih, w_hh);
+  const int64_t B = h0.size(0), N = input.size(0);
+  const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
+  check_arg(op, "grad_output", grad_output, {N, H}, "(rows, hidden_size)", "input", input);
+  check_arg(op, "grad_hn", grad_hn, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "output", output, {N, H}, "(rows, hidden_size)", "input", input);
+  const auto dt = input.scalar_type(), ct = compute_type(dt);
+  const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), out = to_compute(output);
+  const Tensor whh = to_compute(w_hh);
+  Tensor dG = at::empty({N, H}, go.options()), grad_h0 = at::empty({B, H}, go.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_bwd", [&] {
+    rnn_backward<scalar_t>(S, go.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(), H);
+  });
+  const Tensor hprev = previous_states(S, out, to_compute(h0));
+  return {at::mm(dG, w_ih.to(ct)).to(dt), grad_h0.to(dt), at::mm(dG.t(), input.to(ct)).to(dt),
+          at::mm(dG.t(), hprev).to(dt), dG.sum(0).to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("lstm_seq_fwd", &lstm_seq_fwd);
+  m.impl("lstm_seq_bwd", &lstm_seq_bwd);
+  m.impl("rnn_seq_fwd", &rnn_seq_fwd);
+  m.impl("rnn_seq_bwd", &rnn_seq_bwd);
+}
+
+}  // namespace seqkernels

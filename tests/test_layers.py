@@ -1,0 +1,249 @@
+"""Whole-sequence layer ops (one layer, one direction, packed rows): the C++ kernels against the reference,
+the reference against torch.nn, gradcheck, opcheck, reproducibility and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqkernels
+from seqkernels.ops.lstm import lstm_layer, reference, rnn_layer
+
+from conftest import assert_close64, assert_error_rule
+
+# (lengths, input_size, hidden_size, proj_size): length-1 sequences, batch 1, the issue's [7, 5, 5, 2, 1, 1],
+# hidden sizes that split across threads with a partial vector at the end (40 = 32 + 8), projections whose
+# columns are split too, and a step too small to thread.
+CASES = [
+    ([1], 3, 5, 0),
+    ([4, 4, 4], 3, 5, 2),
+    ([7, 5, 5, 2, 1, 1], 6, 40, 0),
+    ([7, 5, 5, 2, 1, 1], 6, 40, 24),
+    ([9], 8, 64, 0),
+    ([12, 12, 12, 12, 12, 12, 12, 12], 16, 48, 0),
+    ([6, 3, 3, 1], 5, 33, 17),
+]
+
+
+def batch_sizes_of(lengths):
+    T = max(lengths)
+    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(T)], dtype=torch.int64)
+
+
+def make_layer(kind, lengths, I, H, P, dtype, bias=True, noncontiguous=False):
+    """(args for the layer op minus batch_sizes and flags, batch_sizes)"""
+    bs = batch_sizes_of(lengths)
+    N, B = int(bs.sum()), len(lengths)
+    gates = 4 if kind == "lstm" else 1
+    Pout = P or H
+
+    def t(*shape, scale=1.0):
+        if noncontiguous and len(shape) == 2:
+            x = torch.randn(shape[1], shape[0], dtype=torch.float64).t()
+        else:
+            x = torch.randn(*shape, dtype=torch.float64)
+        return (x * scale).to(dtype).requires_grad_()
+
+    # Weights scaled like torch's initialization (~ 1 / sqrt(fan_in)): larger ones make the recurrence chaotic,
+    # where rounding is amplified without bound and no float32 result is meaningfully closer than another.
+    args = [t(N, I), t(B, Pout)] + ([t(B, H)] if kind == "lstm" else [])
+    args += [t(gates * H, I, scale=I**-0.5), t(gates * H, Pout, scale=Pout**-0.5)]
+    args += [t(gates * H, scale=0.5), t(gates * H, scale=0.5)] if bias else [None, None]
+    if kind == "lstm":
+        args.append(t(P, H, scale=H**-0.5) if P else None)
+    return args, bs
+
+
+def call(kind, args, bs, reverse, nonlinearity="tanh"):
+    if kind == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        return lstm_layer(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    x, h0, w_ih, w_hh, b_ih, b_hh = args
+    return rnn_layer(x, bs, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+
+
+def outputs_and_grads(kind, args, bs, reverse, backend, upstream, nonlinearity="tanh"):
+    with seqkernels.use_backend(backend):
+        outs = call(kind, args, bs, reverse, nonlinearity)
+    leaves = [a for a in args if a is not None]
+    gs = torch.autograd.grad(outs, leaves, [u.to(o.dtype) for u, o in zip(upstream, outs)])
+    return outs, gs
+
+
+KINDS = [("lstm", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
+# Projections exist for the LSTM only.
+LAYER_CASES = [(k, nl, *case) for k, nl in KINDS for case in CASES if k == "lstm" or not case[3]]
+
+
+@pytest.mark.parametrize("kind, nonlinearity, lengths, I, H, P", LAYER_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_layer_matches_reference(kind, nonlinearity, lengths, I, H, P, reverse, dtype):
+    args, bs = make_layer(kind, lengths, I, H, P, dtype, noncontiguous=(H % 2 == 1))
+    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    N, B, Pout = int(bs.sum()), len(lengths), P or H
+    upstream = [torch.randn(N, Pout, dtype=torch.float64), torch.randn(B, Pout, dtype=torch.float64)]
+    if kind == "lstm":
+        upstream.append(torch.randn(B, H, dtype=torch.float64))
+    ours = outputs_and_grads(kind, args, bs, reverse, "cpu", upstream, nonlinearity)
+    exact = outputs_and_grads(kind, args64, bs, reverse, "reference", upstream, nonlinearity)
+    if dtype == torch.float64:
+        for i, (a, b) in enumerate(zip(ours[0] + ours[1], exact[0] + exact[1])):
+            assert_close64(f"result {i}", a, b, tol=1e-9)
+        return
+    plain = outputs_and_grads(kind, args, bs, reverse, "reference", upstream, nonlinearity)  # torch ops, same dtype
+    for i, (a, b, c) in enumerate(zip(ours[0] + ours[1], plain[0] + plain[1], exact[0] + exact[1])):
+        assert a.dtype == dtype
+        assert_error_rule(f"result {i}", a, b, c)
+
+
+@pytest.mark.parametrize("kind, nonlinearity, P", [("lstm", "tanh", 0), ("lstm", "tanh", 3), ("rnn", "tanh", 0), ("rnn", "relu", 0)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_layer_gradcheck(kind, nonlinearity, reverse, P):
+    args, bs = make_layer(kind, [4, 3, 3, 1], 3, 5, P, torch.float64)
+    if nonlinearity == "relu":
+        with torch.no_grad():
+            for a in args:
+                a.abs_()  # pre-activations positive: away from relu's kink
+    mask = [a is not None for a in args]
+    leaves = [a for a in args if a is not None]
+
+    def fn(*leaves):
+        it = iter(leaves)
+        full = [next(it) if m else None for m in mask]
+        with seqkernels.use_backend("cpu"):
+            return call(kind, full, bs, reverse, nonlinearity)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_reference_layer_matches_torch_lstm_on_packed_sequences():
+    """The oracle itself: a single-layer bidirectional torch.nn.LSTM with projection on a PackedSequence."""
+    lengths = [7, 5, 5, 2, 1, 1]
+    m = torch.nn.LSTM(4, 6, bidirectional=True, proj_size=3, dtype=torch.float64)
+    x = torch.randn(7, len(lengths), 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor(lengths))
+    out, (h_n, c_n) = m(packed)
+    bs = packed.batch_sizes
+    h0 = torch.zeros(len(lengths), 3, dtype=torch.float64)
+    c0 = torch.zeros(len(lengths), 6, dtype=torch.float64)
+    for d, sfx in enumerate(["", "_reverse"]):
+        w = [getattr(m, f"{n}_l0{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")]
+        o, h, c = reference.lstm_layer(packed.data, bs, h0, c0, *w, reverse=bool(d))
+        assert_close64("output", o, out.data[:, 3 * d : 3 * d + 3])
+        assert_close64("h_n", h, h_n[d])
+        assert_close64("c_n", c, c_n[d])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_results_are_reproducible_and_thread_count_independent(kind):
+    args, bs = make_layer(kind, [30] * 8, 32, 64, 0, torch.float32)
+    args = [a.detach() if a is not None else None for a in args]
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad(), seqkernels.use_backend("cpu"):
+            first = call(kind, args, bs, False)
+            again = call(kind, args, bs, False)
+            torch.set_num_threads(1)
+            single = call(kind, args, bs, False)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, single):
+        assert torch.equal(a, b)  # bitwise, run to run
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # any thread count: same up to rounding
+
+
+def test_empty_batch():
+    args, _ = make_layer("lstm", [1], 3, 5, 0, torch.float32)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]
+    bs = torch.zeros(4, dtype=torch.int64)
+    with seqkernels.use_backend("cpu"):
+        out, h, c = lstm_layer(x[:0], bs, h0[:0], c0[:0], w_ih, w_hh, b_ih, b_hh)
+    assert out.shape == (0, 5) and h.shape == (0, 5) and c.shape == (0, 5)
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_opcheck_lstm_layer_ops(P):
+    seqkernels.available_backends()
+    args, bs = make_layer("lstm", [4, 3, 1], 3, 5, P, torch.float32)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]
+    ops = torch.ops.seqkernels
+    for train in (False, True):
+        torch.library.opcheck(ops.lstm_seq_fwd.default, (x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True, train))
+    out, h_n, c_n, gates, cells = ops.lstm_seq_fwd(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, False, True)
+    torch.library.opcheck(
+        ops.lstm_seq_bwd.default,
+        (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, bs, h0, c0, w_ih, w_hh, w_hr, out,
+         gates, cells, False),
+    )
+
+
+def test_opcheck_rnn_layer_ops():
+    seqkernels.available_backends()
+    args, bs = make_layer("rnn", [4, 3, 1], 3, 5, 0, torch.float32)
+    x, h0, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in args]
+    ops = torch.ops.seqkernels
+    torch.library.opcheck(ops.rnn_seq_fwd.default, (x, bs, h0, w_ih, w_hh, b_ih, b_hh, "relu", True))
+    out, h_n = ops.rnn_seq_fwd(x, bs, h0, w_ih, w_hh, b_ih, b_hh, "tanh", False)
+    torch.library.opcheck(
+        ops.rnn_seq_bwd.default, (torch.randn_like(out), torch.randn_like(h_n), x, bs, h0, w_ih, w_hh, out, "tanh", False)
+    )
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_layer_ops_compile_without_graph_breaks(kind):
+    args, bs = make_layer(kind, [5, 3, 3], 4, 8, 0, torch.float32)
+    args = [a.detach() if a is not None else None for a in args]
+
+    def fn(*args):
+        return call(kind, args, bs, True)[0].sin()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+def test_lstm_module_compiles_without_graph_breaks():
+    # Dynamo declines every nn.RNNBase subclass (torch.nn.LSTM itself included) unless allow_rnn is set.
+    m = seqkernels.nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        out_c = compiled(x)[0]
+    out = m(x)[0]
+    torch.testing.assert_close(out_c, out)
+    g_c, = torch.autograd.grad(out_c.sum(), x)
+    g, = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(g_c, g)
+
+
+@pytest.mark.parametrize(
+    "bs, match",
+    [
+        ([3, 4, 1], r"batch_sizes to be non-increasing .* got 4 after 3 at step 1"),
+        ([3, 2, 1], r"sum\(batch_sizes\) = 6 rows, got 8"),
+        ([2, 2, 2, 2], r"batch_sizes\[0\] to equal the batch size of h0 \(3\), got 2"),
+        ([3, 3, 2, 0], r"batch_sizes\[3\] >= 1, got 0"),
+    ],
+)
+def test_cpp_layer_rejects_bad_schedules(bs, match):
+    seqkernels.available_backends()
+    args, _ = make_layer("lstm", [3, 3, 2], 3, 5, 0, torch.float32)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.seqkernels.lstm_seq_fwd(x, torch.tensor(bs), h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, False)
+
+
+def test_cpp_layer_rejects_bad_shapes_and_types():
+    seqkernels.available_backends()
+    args, bs = make_layer("lstm", [3, 3, 2], 3, 5, 0, torch.float32)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]
+    ops = torch.ops.seqkernels
+    with pytest.raises(RuntimeError, match=r"batch_sizes to be a 1-D int64 CPU tensor"):
+        ops.lstm_seq_fwd(x, bs.int(), h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, False)
+    with pytest.raises(RuntimeError, match=r"c0 of shape \[3, 5\]"):
+        ops.lstm_seq_fwd(x, bs, h0, c0[:, :4], w_ih, w_hh, b_ih, b_hh, None, False, False)
+    with pytest.raises(RuntimeError, match=r"w_hr of shape \[2, 5\] \(proj_size, hidden_size\), got \[2, 4\]"):
+        ops.lstm_seq_fwd(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, torch.randn(2, 4), False, False)
+    with pytest.raises(RuntimeError, match=r"gates \(saved by lstm_seq_fwd with train=True\) to have dtype"):
+        out, h_n, c_n, gates, cells = ops.lstm_seq_fwd(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
+        ops.lstm_seq_bwd(out, h_n, c_n, x, bs, h0, c0, w_ih, w_hh, None, out, gates.double(), cells, False)
