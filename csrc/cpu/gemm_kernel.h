@@ -1,15 +1,16 @@
 // A small register-blocked GEMM for the recurrent matmuls: C[M x Nc] = A[M x K] @ Bp[K x Nc], where Bp is a
 // thread's slice of a weight matrix packed once per sequence (row stride ldb, Nc a multiple of the vector
-// width). Each output element is summed in a fixed order - blocks of kKBlock products accumulated in registers,
-// the blocks added in turn - so results do not depend on how columns are split between threads, and the longest
-// rounding chain is kKBlock + K / kKBlock additions rather than K (a plain k-loop was measurably less accurate
-// than the BLAS on long recurrences).
+// width). Each output element is summed in a fixed order - panels of kPanel products accumulated in registers,
+// the panels added in turn - so results do not depend on how columns are split between threads, and the longest
+// rounding chain is kPanel + K / kPanel additions rather than K (a plain k-loop was measurably less accurate
+// than the BLAS on long recurrences). A panel's slice of B also stays in L1 while every row block uses it.
 //
 // Vectors are GCC/Clang vector extensions sized to the widest registers the build targets (AVX-512: 64 bytes,
 // 8-row blocks; otherwise 32 bytes, 6-row blocks, which fit AVX2's 16 registers).
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 namespace seqkernels {
@@ -22,7 +23,7 @@ constexpr int kRowBlock = 8;
 #define SEQKERNELS_VEC_BYTES 32
 constexpr int kRowBlock = 6;
 #endif
-constexpr int64_t kKBlock = 16;
+constexpr int64_t kPanel = 64;
 
 typedef float vfloat __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(4)));
 typedef double vdouble __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(8)));
@@ -47,67 +48,77 @@ inline int64_t round_up(int64_t x, int64_t m) {
   return (x + m - 1) / m * m;
 }
 
+// C[MR x NR vectors] (+)= A[MR x K] @ B[K x NR vectors]; adds to C when `accumulate` (K panels after the first).
 template <typename T, int MR, int NR>
 inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb,
-                         T* __restrict__ C, int64_t ldc, int64_t K) {
+                         T* __restrict__ C, int64_t ldc, int64_t K, bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = lanes<T>();
-  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kKBlock) {
-    const int64_t k1 = k0 + kKBlock < K ? k0 + kKBlock : K;
-    V acc[MR][NR];
-    for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) acc[m][n] = V{};
-    for (int64_t k = k0; k < k1; ++k) {
-      V b[NR];
-      for (int n = 0; n < NR; ++n) b[n] = *reinterpret_cast<const V*>(B + k * ldb + n * L);
-      for (int m = 0; m < MR; ++m) {
-        const T a = A[m * lda + k];
-        for (int n = 0; n < NR; ++n) acc[m][n] += a * b[n];
-      }
+  V acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NR];
+    for (int n = 0; n < NR; ++n) b[n] = *reinterpret_cast<const V*>(B + k * ldb + n * L);
+    for (int m = 0; m < MR; ++m) {
+      const T a = A[m * lda + k];
+      for (int n = 0; n < NR; ++n) acc[m][n] += a * b[n];
     }
-    for (int m = 0; m < MR; ++m)
-      for (int n = 0; n < NR; ++n) {
-        V* c = reinterpret_cast<V*>(C + m * ldc + n * L);
-        *c = k0 == 0 ? acc[m][n] : *c + acc[m][n];
-      }
   }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      V* c = reinterpret_cast<V*>(C + m * ldc + n * L);
+      *c = accumulate ? *c + acc[m][n] : acc[m][n];
+    }
 }
 
 template <typename T, int NR>
 inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-                           int64_t K) {
+                           int64_t K, bool acc) {
   switch (rows) {
-    case 1: micro_kernel<T, 1, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 2: micro_kernel<T, 2, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 3: micro_kernel<T, 3, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 4: micro_kernel<T, 4, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 5: micro_kernel<T, 5, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 6: micro_kernel<T, 6, NR>(A, lda, B, ldb, C, ldc, K); break;
-    case 7: micro_kernel<T, 7, NR>(A, lda, B, ldb, C, ldc, K); break;
+    case 1: micro_kernel<T, 1, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 2: micro_kernel<T, 2, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 3: micro_kernel<T, 3, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 4: micro_kernel<T, 4, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 5: micro_kernel<T, 5, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 6: micro_kernel<T, 6, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 7: micro_kernel<T, 7, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
     default: break;
   }
 }
 
-// C[M x Nc] = A[M x K] @ B[K x Nc]; Nc % lanes<T>() == 0; C rows must hold Nc elements.
+// One K panel over all of C, column blocks of NR vectors (fewer at the right edge).
+template <typename T, int NR>
+inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                  int64_t ldc, bool acc) {
+  constexpr int64_t L = lanes<T>();
+  int64_t n0 = 0;
+  for (; n0 + NR * L <= Nc; n0 += NR * L) {
+    int64_t m0 = 0;
+    for (; m0 + kRowBlock <= M; m0 += kRowBlock)
+      micro_kernel<T, kRowBlock, NR>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+    rows_remainder<T, NR>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+  }
+  for (; n0 < Nc; n0 += L) {  // leftover single vectors
+    int64_t m0 = 0;
+    for (; m0 + kRowBlock <= M; m0 += kRowBlock)
+      micro_kernel<T, kRowBlock, 1>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+    rows_remainder<T, 1>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+  }
+}
+
+// C[M x Nc] = A[M x K] @ B[K x Nc]; Nc % lanes<T>() == 0; C rows must hold Nc elements. With one or two rows
+// (a latency-bound GEMV) the column blocks are four times wider, so enough independent multiply-add chains are
+// in flight.
 template <typename T>
 void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc) {
-  constexpr int64_t L = lanes<T>();
-  for (int64_t n0 = 0; n0 < Nc; n0 += 2 * L) {
-    const bool two = n0 + 2 * L <= Nc;
-    int64_t m0 = 0;
-    for (; m0 + kRowBlock <= M; m0 += kRowBlock) {
-      if (two)
-        micro_kernel<T, kRowBlock, 2>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K);
-      else
-        micro_kernel<T, kRowBlock, 1>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K);
-    }
-    if (m0 < M) {
-      if (two)
-        rows_remainder<T, 2>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K);
-      else
-        rows_remainder<T, 1>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K);
-    }
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kPanel) {
+    const int64_t kn = std::min(kPanel, K - k0);
+    if (M <= 2)
+      panel<T, 8>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, k0 > 0);
+    else
+      panel<T, 2>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, k0 > 0);
   }
 }
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "../common.h"
 #include "vec_math.h"
@@ -76,36 +77,29 @@ int64_t check_cell_weights(const char* op, const Tensor& input, const Tensor& w_
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM cell (gate order i, f, g, o as torch)
 
+// One batch row: gate pre-activations (without bias) in, activated gates out (in place), new state written.
 template <typename T>
 void lstm_pointwise_fwd(T* __restrict__ gates, const T* __restrict__ bias, const T* __restrict__ c_prev,
                         T* __restrict__ c_out, T* __restrict__ h_out, int64_t H) {
-  T* __restrict__ gi = gates;
-  T* __restrict__ gf = gates + H;
-  T* __restrict__ gg = gates + 2 * H;
-  T* __restrict__ go = gates + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = vec_math::sigmoid(gi[j] + bias[j]);
-    const T f = vec_math::sigmoid(gf[j] + bias[H + j]);
-    const T g = vec_math::tanh(gg[j] + bias[2 * H + j]);
-    const T o = vec_math::sigmoid(go[j] + bias[3 * H + j]);
-    const T c = f * c_prev[j] + i * g;
-    gi[j] = i;
-    gf[j] = f;
-    gg[j] = g;
-    go[j] = o;
-    c_out[j] = c;
-    h_out[j] = o * vec_math::tanh(c);
-  }
+  for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j];
+  vec_math::sigmoid(gates, gates, 2 * H);  // i, f
+  vec_math::tanh(gates + 2 * H, gates + 2 * H, H);
+  vec_math::sigmoid(gates + 3 * H, gates + 3 * H, H);
+  for (int64_t j = 0; j < H; ++j) c_out[j] = gates[H + j] * c_prev[j] + gates[j] * gates[2 * H + j];
+  vec_math::tanh(c_out, h_out, H);
+  for (int64_t j = 0; j < H; ++j) h_out[j] *= gates[3 * H + j];
 }
 
 // From the activated gates and the new cell state: gradients of the gate pre-activations and of c_prev.
+// `tc` is scratch for H values.
 template <typename T>
 void lstm_pointwise_bwd(const T* __restrict__ gates, const T* __restrict__ c_prev, const T* __restrict__ c_new,
                         const T* __restrict__ grad_h, const T* __restrict__ grad_c, T* __restrict__ grad_gates,
-                        T* __restrict__ grad_c_prev, int64_t H) {
+                        T* __restrict__ grad_c_prev, T* __restrict__ tanh_c, int64_t H) {
+  vec_math::tanh(c_new, tanh_c, H);
   for (int64_t j = 0; j < H; ++j) {
     const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const T tc = vec_math::tanh(c_new[j]);
+    const T tc = tanh_c[j];
     const T dh = grad_h[j];
     const T dc = grad_c[j] + dh * o * (T(1) - tc * tc);
     grad_gates[j] = dc * g * i * (T(1) - i);
@@ -184,9 +178,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
     scalar_t* gg = grad_gates.data_ptr<scalar_t>();
     scalar_t* gcx = grad_cx.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(4 * H), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tanh_c(H);
       for (int64_t r = begin; r < end; ++r) {
         lstm_pointwise_bwd(g + r * 4 * H, cp + r * H, cn + r * H, gh + r * H, gc + r * H, gg + r * 4 * H,
-                           gcx + r * H, H);
+                           gcx + r * H, tanh_c.data(), H);
       }
     });
   });
@@ -233,9 +228,8 @@ Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, c
             row[j] = v > scalar_t(0) ? v : scalar_t(0);
           }
         } else {
-          for (int64_t j = 0; j < H; ++j) {
-            row[j] = vec_math::tanh(row[j] + b[j]);
-          }
+          for (int64_t j = 0; j < H; ++j) row[j] += b[j];
+          vec_math::tanh(row, row, H);
         }
       }
     });

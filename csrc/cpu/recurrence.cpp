@@ -113,59 +113,47 @@ int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `x` points at the unit j0 of the step's row of
-// the input projection (gate k of unit j at x[k * H + j]); `g` at the thread's recurrent sums (gate k of local
-// unit jj at g[k * Jn + jj]).
+// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `x` points at unit j0 of the step's row of the
+// input projection (gate k of unit j at x[k * H + j]); `g` at the thread's recurrent sums, gate-major (gate k of
+// local unit jj at g[k * Jn + jj]), which are turned into activated gates in place. `tmp` holds Jn values.
 
-template <typename T, bool kSave>
-inline void lstm_units_fwd(const T* __restrict__ x, int64_t H, const T* __restrict__ g, int64_t Jn,
-                           T* __restrict__ c, T* __restrict__ h, T* __restrict__ save_gates,
-                           T* __restrict__ save_cell) {
-  for (int64_t jj = 0; jj < Jn; ++jj) {
-    const T i = vec_math::sigmoid(x[jj] + g[jj]);
-    const T f = vec_math::sigmoid(x[H + jj] + g[Jn + jj]);
-    const T gg = vec_math::tanh(x[2 * H + jj] + g[2 * Jn + jj]);
-    const T o = vec_math::sigmoid(x[3 * H + jj] + g[3 * Jn + jj]);
-    const T cn = f * c[jj] + i * gg;
-    c[jj] = cn;
-    h[jj] = o * vec_math::tanh(cn);
-    if (kSave) {
-      save_gates[jj] = i;
-      save_gates[H + jj] = f;
-      save_gates[2 * H + jj] = gg;
-      save_gates[3 * H + jj] = o;
-      save_cell[jj] = cn;
-    }
-  }
+template <typename T>
+inline void lstm_units_fwd(const T* __restrict__ x, int64_t H, T* __restrict__ g, int64_t Jn, T* __restrict__ c,
+                           T* __restrict__ h, T* __restrict__ tmp) {
+  for (int k = 0; k < 4; ++k)
+    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * H + jj];
+  vec_math::sigmoid(g, g, 2 * Jn);  // i, f
+  vec_math::tanh(g + 2 * Jn, g + 2 * Jn, Jn);
+  vec_math::sigmoid(g + 3 * Jn, g + 3 * Jn, Jn);
+  for (int64_t jj = 0; jj < Jn; ++jj) c[jj] = g[Jn + jj] * c[jj] + g[jj] * g[2 * Jn + jj];
+  vec_math::tanh(c, tmp, Jn);
+  for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = g[3 * Jn + jj] * tmp[jj];
 }
 
 template <typename T, bool kProj>
 inline void lstm_units_bwd(const T* __restrict__ gates, int64_t H, const T* __restrict__ cell,
                            const T* __restrict__ cprev, const T* __restrict__ dh, T* __restrict__ dc,
-                           T* __restrict__ dG, T* __restrict__ htilde, int64_t Jn) {
+                           T* __restrict__ dG, T* __restrict__ htilde, T* __restrict__ tc, int64_t Jn) {
+  vec_math::tanh(cell, tc, Jn);
   for (int64_t jj = 0; jj < Jn; ++jj) {
     const T i = gates[jj], f = gates[H + jj], g = gates[2 * H + jj], o = gates[3 * H + jj];
-    const T tc = vec_math::tanh(cell[jj]);
-    const T d = dc[jj] + dh[jj] * o * (T(1) - tc * tc);
+    const T d = dc[jj] + dh[jj] * o * (T(1) - tc[jj] * tc[jj]);
     dG[jj] = d * g * i * (T(1) - i);
     dG[H + jj] = d * cprev[jj] * f * (T(1) - f);
     dG[2 * H + jj] = d * i * (T(1) - g * g);
-    dG[3 * H + jj] = dh[jj] * tc * o * (T(1) - o);
+    dG[3 * H + jj] = dh[jj] * tc[jj] * o * (T(1) - o);
     dc[jj] = d * f;
-    if (kProj) htilde[jj] = o * tc;
+    if (kProj) htilde[jj] = o * tc[jj];
   }
 }
 
 template <typename T>
-inline void rnn_units_fwd(const T* __restrict__ x, const T* __restrict__ g, int64_t Jn, bool relu,
-                          T* __restrict__ h) {
+inline void rnn_units_fwd(const T* __restrict__ x, T* __restrict__ g, int64_t Jn, bool relu, T* __restrict__ h) {
+  for (int64_t jj = 0; jj < Jn; ++jj) g[jj] += x[jj];
   if (relu) {
-    for (int64_t jj = 0; jj < Jn; ++jj) {
-      const T v = x[jj] + g[jj];
-      h[jj] = v > T(0) ? v : T(0);
-    }
+    for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = g[jj] > T(0) ? g[jj] : T(0);
   } else {
-    for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = vec_math::tanh(x[jj] + g[jj]);
+    vec_math::tanh(g, h, Jn);
   }
 }
 
@@ -223,7 +211,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
-    std::vector<T> Wp(P * ldg), G(B * ldg);
+    std::vector<T> Wp(P * ldg), G(B * ldg), tmp(Jn);
     pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; }, 0, P,
                     Wp.data(), ldg);
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
@@ -243,11 +231,12 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
           const T* x = a.xg + row * 4 * H + J.begin;
           T* c = cbuf.data() + b * H + J.begin;
-          if (a.gates)
-            lstm_units_fwd<T, true>(x, H, G.data() + b * ldg, Jn, c, h, a.gates + row * 4 * H + J.begin,
-                                    a.cells + row * H + J.begin);
-          else
-            lstm_units_fwd<T, false>(x, H, G.data() + b * ldg, Jn, c, h, nullptr, nullptr);
+          T* g = G.data() + b * ldg;
+          lstm_units_fwd(x, H, g, Jn, c, h, tmp.data());
+          if (a.gates) {  // training: keep the activated gates and the cell state for the backward
+            for (int k = 0; k < 4; ++k) std::copy(g + k * Jn, g + (k + 1) * Jn, a.gates + row * 4 * H + k * H + J.begin);
+            std::copy(c, c + Jn, a.cells + row * H + J.begin);
+          }
           if (!proj) std::copy(h, h + Jn, a.out + row * P + J.begin);
         }
       }
@@ -317,7 +306,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     std::vector<T> Wp(4 * H * ldq), Y(B * ldq);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
     pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, Wp.data(), ldq);
-    std::vector<T> Rp(proj ? P * ldj : 0), D(proj ? B * ldj : 0);  // W_hr[:, J] for dh~ = dh @ W_hr
+    std::vector<T> Rp(proj ? P * ldj : 0), D(proj ? B * ldj : 0), tc(Jn);  // W_hr[:, J] for dh~ = dh @ W_hr
     if (proj) pack_columns(a.w_hr, H, P, J.begin, Jn, Rp.data(), ldj);
 
     for (int64_t s = 0; s < T_; ++s) {
@@ -342,10 +331,10 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
           T* dG = a.dG + row * 4 * H + J.begin;
           if (proj)
             lstm_units_bwd<T, true>(g, H, a.cells + row * H + J.begin, cprev, dht + b * ld_dht, dc, dG,
-                                    a.Ht + row * H + J.begin, Jn);
+                                    a.Ht + row * H + J.begin, tc.data(), Jn);
           else
             lstm_units_bwd<T, false>(g, H, a.cells + row * H + J.begin, cprev, dht + b * ld_dht, dc, dG,
-                                     nullptr, Jn);
+                                     nullptr, tc.data(), Jn);
         }
       }
 #pragma omp barrier
