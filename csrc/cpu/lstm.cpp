@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "gemm_kernel.h"
 #include "vec_math.h"
 
 namespace seqkernels {
@@ -29,9 +30,53 @@ int64_t row_grain(int64_t elems_per_row) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(elems_per_row, 1));
 }
 
-// x @ w_ih^T + h @ w_hh^T + (b_ih + b_hh) is split: the matmuls here, the biases in the fused pass.
+// Batches up to this size compute the gate matmuls as dot products over the row-major weights: at::mm's fixed
+// cost (about 7 us per call here) would dominate a step loop at batch 1.
+constexpr int64_t kSmallBatch = 4;
+
+// sum(a[k] * b[k]) with vector-wide partial sums reduced in a fixed order.
+template <typename T>
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using V = typename gemm::Vec<T>::type;
+  constexpr int64_t L = gemm::lanes<T>();
+  V acc0{}, acc1{};
+  int64_t k = 0;
+  for (; k + 2 * L <= n; k += 2 * L) {
+    acc0 += *reinterpret_cast<const V*>(a + k) * *reinterpret_cast<const V*>(b + k);
+    acc1 += *reinterpret_cast<const V*>(a + k + L) * *reinterpret_cast<const V*>(b + k + L);
+  }
+  for (; k + L <= n; k += L) acc0 += *reinterpret_cast<const V*>(a + k) * *reinterpret_cast<const V*>(b + k);
+  acc0 += acc1;
+  T sum = T(0);
+  for (int64_t i = 0; i < L; ++i) sum += acc0[i];
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// (B, rows) = x @ w_ih^T + h @ w_hh^T for a small batch, parallel over gate rows when there is enough work.
+template <typename T>
+void small_batch_matmul(const T* x, int64_t I, const T* h, int64_t H, const T* w_ih, const T* w_hh, int64_t B,
+                        int64_t rows, T* out) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, B * (I + H)));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = r0; r < r1; ++r) out[b * rows + r] = dot(x + b * I, w_ih + r * I, I) + dot(h + b * H, w_hh + r * H, H);
+  });
+}
+
+// x @ w_ih^T + h @ w_hh^T in the compute type, (B, rows) contiguous; the biases are added in the fused pass.
 Tensor input_and_hidden_matmul(const Tensor& x, const Tensor& w_ih, const Tensor& h, const Tensor& w_hh) {
   const auto ct = compute_type(x.scalar_type());
+  const int64_t B = x.size(0), rows = w_ih.size(0);
+  if (B <= kSmallBatch && ct == x.scalar_type()) {
+    const Tensor xc = x.contiguous(), hc = h.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+    Tensor out = at::empty({B, rows}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "small_batch_matmul", [&] {
+      small_batch_matmul(xc.data_ptr<scalar_t>(), x.size(1), hc.data_ptr<scalar_t>(), h.size(1),
+                         wi.data_ptr<scalar_t>(), wh.data_ptr<scalar_t>(), B, rows, out.data_ptr<scalar_t>());
+    });
+    return out;
+  }
   Tensor out = at::mm(x.to(ct), w_ih.to(ct).t());
   out.addmm_(h.to(ct), w_hh.to(ct).t());
   return out;

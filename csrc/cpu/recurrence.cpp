@@ -114,14 +114,15 @@ int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Pointwise parts of one step for a thread's units [j0, j0 + Jn). `x` points at unit j0 of the step's row of the
-// input projection (gate k of unit j at x[k * H + j]); `g` at the thread's recurrent sums, gate-major (gate k of
+// input projection (gate k of unit j at x[k * H + j]) and `bias` likewise at unit j0 of b_ih + b_hh; `g` at the
+// thread's recurrent sums, gate-major (gate k of
 // local unit jj at g[k * Jn + jj]), which are turned into activated gates in place. `tmp` holds Jn values.
 
 template <typename T>
-inline void lstm_units_fwd(const T* __restrict__ x, int64_t H, T* __restrict__ g, int64_t Jn, T* __restrict__ c,
-                           T* __restrict__ h, T* __restrict__ tmp) {
+inline void lstm_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, int64_t H, T* __restrict__ g,
+                           int64_t Jn, T* __restrict__ c, T* __restrict__ h, T* __restrict__ tmp) {
   for (int k = 0; k < 4; ++k)
-    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * H + jj];
+    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * H + jj] + bias[k * H + jj];
   vec_math::sigmoid(g, g, 2 * Jn);  // i, f
   vec_math::tanh(g + 2 * Jn, g + 2 * Jn, Jn);
   vec_math::sigmoid(g + 3 * Jn, g + 3 * Jn, Jn);
@@ -148,8 +149,9 @@ inline void lstm_units_bwd(const T* __restrict__ gates, int64_t H, const T* __re
 }
 
 template <typename T>
-inline void rnn_units_fwd(const T* __restrict__ x, T* __restrict__ g, int64_t Jn, bool relu, T* __restrict__ h) {
-  for (int64_t jj = 0; jj < Jn; ++jj) g[jj] += x[jj];
+inline void rnn_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ g, int64_t Jn,
+                          bool relu, T* __restrict__ h) {
+  for (int64_t jj = 0; jj < Jn; ++jj) g[jj] += x[jj] + bias[jj];
   if (relu) {
     for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = g[jj] > T(0) ? g[jj] : T(0);
   } else {
@@ -184,7 +186,8 @@ void pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int64_t C, T* o
 
 template <typename T>
 struct LstmFwd {
-  const T* xg;    // (N, 4H) input projection plus both biases
+  const T* xg;    // (N, 4H) input projection
+  const T* bias;  // (4H) b_ih + b_hh (zeros without bias)
   const T* w_hh;  // (4H, P)
   const T* w_hr;  // (P, H) or null
   const T* h0;    // (B, P)
@@ -232,7 +235,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
           const T* x = a.xg + row * 4 * H + J.begin;
           T* c = cbuf.data() + b * H + J.begin;
           T* g = G.data() + b * ldg;
-          lstm_units_fwd(x, H, g, Jn, c, h, tmp.data());
+          lstm_units_fwd(x, a.bias + J.begin, H, g, Jn, c, h, tmp.data());
           if (a.gates) {  // training: keep the activated gates and the cell state for the backward
             for (int k = 0; k < 4; ++k) std::copy(g + k * Jn, g + (k + 1) * Jn, a.gates + row * 4 * H + k * H + J.begin);
             std::copy(c, c + Jn, a.cells + row * H + J.begin);
@@ -362,8 +365,8 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
 // RNN forward and backward (one gate, P = H)
 
 template <typename T>
-void rnn_forward(const Schedule& S, const T* xg, const T* w_hh, const T* h0, bool relu, T* out, T* h_n,
-                 int64_t H) {
+void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, const T* h0, bool relu, T* out,
+                 T* h_n, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
   std::vector<T> hbuf(2 * B * H);
@@ -385,7 +388,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* w_hh, const T* h0, boo
         gemm::matmul<T>(bs, ldg, H, h_cur, H, Wp.data(), ldg, G.data(), ldg);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
-          rnn_units_fwd(xg + (off + b) * H + J.begin, G.data() + b * ldg, Jn, relu, h);
+          rnn_units_fwd(xg + (off + b) * H + J.begin, bias + J.begin, G.data() + b * ldg, Jn, relu, h);
           std::copy(h, h + Jn, out + (off + b) * H + J.begin);
         }
       }
@@ -454,9 +457,25 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 // ---------------------------------------------------------------------------------------------------------------
 // Op entry points
 
+// Internal buffers (never returned) are kept per thread and reused across calls, like oneDNN's scratchpad:
+// a fresh multi-megabyte allocation costs a page fault per 4 KiB on first touch, which measurably slowed the
+// input projection. `slot` tells the buffers of one call apart.
+Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
+  thread_local std::vector<Tensor> buffers;
+  if (static_cast<int>(buffers.size()) <= slot) buffers.resize(slot + 1);
+  int64_t numel = 1;
+  for (const int64_t d : shape) numel *= d;
+  Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
+    buf = Tensor();  // free the old one first
+    buf = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  }
+  return buf.narrow(0, 0, numel).view(shape);
+}
+
 // (N, P) matrix of the state each row started from: the previous step's output row, or h0.
 Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
-  Tensor prev = at::empty_like(out);
+  Tensor prev = workspace(1, out.sizes(), out.scalar_type());
   const int64_t P = out.size(1);
   const int64_t es = out.element_size();
   const char* o = static_cast<const char*>(out.data_ptr());
@@ -470,11 +489,20 @@ Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
   return prev;
 }
 
-Tensor input_projection(const Tensor& input, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
-                        const std::optional<Tensor>& b_hh) {
+// input @ w_ih^T for all steps, into workspace slot 0. The biases are added in the fused pass instead (addmm
+// first copies the bias into the output: half again the time of the GEMM alone).
+Tensor input_projection(const Tensor& input, const Tensor& w_ih) {
   const auto ct = compute_type(input.scalar_type());
-  if (b_ih.has_value()) return at::addmm(b_ih->to(ct) + b_hh->to(ct), input.to(ct), w_ih.to(ct).t());
-  return at::mm(input.to(ct), w_ih.to(ct).t());
+  Tensor out = workspace(0, {input.size(0), w_ih.size(0)}, ct);
+  at::mm_out(out, input.to(ct), w_ih.to(ct).t());
+  return out;
+}
+
+// b_ih + b_hh in the compute type, or zeros.
+Tensor bias_sum(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t rows,
+                at::ScalarType ct) {
+  if (!b_ih.has_value()) return at::zeros({rows}, at::TensorOptions().dtype(ct));
+  return (b_ih->to(ct) + b_hh->to(ct)).contiguous();
 }
 
 void check_bias_pair(const char* op, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
@@ -527,14 +555,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
 
   const auto dt = input.scalar_type(), ct = compute_type(dt);
-  const Tensor xg = input_projection(input, w_ih, b_ih, b_hh).contiguous();
+  const Tensor xg = input_projection(input, w_ih), bias = bias_sum(b_ih, b_hh, 4 * H, ct);
   const Tensor whh = to_compute(w_hh), h0c = to_compute(h0), c0c = to_compute(c0);
   const Tensor whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
-  const auto opts = xg.options();
+  const auto opts = bias.options();
   Tensor out = at::empty({N, P}, opts), h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
   Tensor gates = at::empty({train ? N : 0, 4 * H}, opts), cells = at::empty({train ? N : 0, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_fwd", [&] {
     LstmFwd<scalar_t> a{xg.data_ptr<scalar_t>(),
+                        bias.data_ptr<scalar_t>(),
                         whh.data_ptr<scalar_t>(),
                         whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
                         h0c.data_ptr<scalar_t>(),
@@ -577,7 +606,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
   const Tensor g = gates.contiguous(), cs = cells.contiguous(), c0c = to_compute(c0);
   const Tensor whh = to_compute(w_hh), whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
   const auto opts = g.options();
-  Tensor dG = at::empty({N, 4 * H}, opts);
+  Tensor dG = workspace(2, {N, 4 * H}, ct);
   Tensor DH = at::empty({whr.defined() ? N : 0, P}, opts), Ht = at::empty({whr.defined() ? N : 0, H}, opts);
   Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
@@ -632,12 +661,12 @@ std::tuple<Tensor, Tensor> rnn_seq_fwd(const Tensor& input, const Tensor& batch_
   const int64_t B = h0.size(0), N = input.size(0);
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
   const auto dt = input.scalar_type(), ct = compute_type(dt);
-  const Tensor xg = input_projection(input, w_ih, b_ih, b_hh).contiguous();
+  const Tensor xg = input_projection(input, w_ih), bias = bias_sum(b_ih, b_hh, H, ct);
   const Tensor whh = to_compute(w_hh), h0c = to_compute(h0);
-  Tensor out = at::empty({N, H}, xg.options()), h_n = at::empty({B, H}, xg.options());
+  Tensor out = at::empty({N, H}, bias.options()), h_n = at::empty({B, H}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_fwd", [&] {
-    rnn_forward<scalar_t>(S, xg.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(), relu,
-                          out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), H);
+    rnn_forward<scalar_t>(S, xg.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(),
+                          h0c.data_ptr<scalar_t>(), relu, out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), H);
   });
   return {out.to(dt), h_n.to(dt)};
 }
@@ -657,7 +686,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
   const auto dt = input.scalar_type(), ct = compute_type(dt);
   const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), out = to_compute(output);
   const Tensor whh = to_compute(w_hh);
-  Tensor dG = at::empty({N, H}, go.options()), grad_h0 = at::empty({B, H}, go.options());
+  Tensor dG = workspace(2, {N, H}, ct), grad_h0 = at::empty({B, H}, go.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_bwd", [&] {
     rnn_backward<scalar_t>(S, go.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                            whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(), H);

@@ -6,6 +6,7 @@ that module, run its forward, save what its backward needs, and call the same mo
 """
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
@@ -18,6 +19,20 @@ from . import cpu, reference
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain_cpu_call(input) -> bool:
+    """A call the cpu backend takes whatever its other arguments (checked by the C++ op itself): CPU tensors of a
+    supported dtype, no forced backend. Cell steps run in Python loops, so these skip the per-call selection."""
+    return (
+        not backends._forced
+        and backends.ENV_VAR not in os.environ
+        and isinstance(input, Tensor)
+        and input.device.type == "cpu"
+        and input.dtype in cpu.DTYPES
+        and input.layout == torch.strided
+        and backends.backend_status("cpu")[0]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -220,6 +235,13 @@ def lstm_cell(
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(f"lstm_cell: expected hx to be a tuple (h, c) of two tensors, got {type(hx).__name__}")
     h, c = hx
+    if _plain_cpu_call(input):
+        try:
+            return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
+        except (RuntimeError, TypeError):
+            # The C++ op rejected an argument: report it as every backend does, naming the argument.
+            check_cell_args("lstm_cell", input, (("hx[0]", h), ("hx[1]", c)), w_ih, w_hh, b_ih, b_hh, gates=4)
+            raise
     check_cell_args("lstm_cell", input, (("hx[0]", h), ("hx[1]", c)), w_ih, w_hh, b_ih, b_hh, gates=4)
     impl = backends.select("lstm_cell", input.device, input, h, c, w_ih, w_hh, b_ih, b_hh)
     return impl.fn(input, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -240,6 +262,12 @@ def rnn_cell(
     """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"rnn_cell: expected nonlinearity 'tanh' or 'relu', got {nonlinearity!r}")
+    if _plain_cpu_call(input):
+        try:
+            return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        except (RuntimeError, TypeError):
+            check_cell_args("rnn_cell", input, (("hx", hx),), w_ih, w_hh, b_ih, b_hh, gates=1)
+            raise
     check_cell_args("rnn_cell", input, (("hx", hx),), w_ih, w_hh, b_ih, b_hh, gates=1)
     impl = backends.select("rnn_cell", input.device, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return impl.fn(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
