@@ -1,0 +1,118 @@
+"""Benchmark cases: seqkernels against what a user would run instead, on the same inputs and weights.
+
+Each case builds both sides once and returns two zero-argument callables (torch first, seqkernels second), the
+floating-point work of one call (matmul FLOPs only), and the target ratio torch time / seqkernels time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqkernels
+
+
+@dataclass
+class Case:
+    name: str
+    group: str
+    description: str
+    build: Callable[[], Tuple[Callable[[], object], Callable[[], object], float]]
+    target: Optional[float] = None  # minimum torch time / seqkernels time
+
+
+def _recurrent_flops(kind: str, rows: int, I: int, H: int, train: bool) -> float:
+    """Matmul FLOPs of a one-layer LSTM/RNN over `rows` (batch x step) rows: 2 * rows * gates*H * (I + H)."""
+    gates = 4 if kind == "LSTM" else 1
+    fwd = 2.0 * rows * gates * H * (I + H)
+    return 3.0 * fwd if train else fwd  # backward: input/state gradients and weight gradients, twice the forward
+
+
+def _modules(kind: str, I: int, H: int):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(I, H)
+    return ref, getattr(seqkernels.nn, kind).from_torch(ref)
+
+
+def sequence_case(kind: str, B: int, T: int, I: int, H: int, train: bool, target: Optional[float]) -> Case:
+    def build():
+        ref, ours = _modules(kind, I, H)
+        x = torch.randn(T, B, I, requires_grad=train)
+
+        def run(m):
+            if train:
+                out, _ = m(x)
+                out.sum().backward()
+            else:
+                with torch.no_grad():
+                    m(x)
+
+        return (lambda: run(ref)), (lambda: run(ours)), _recurrent_flops(kind, T * B, I, H, train)
+
+    mode = "training step" if train else "inference"
+    return Case(f"{kind.lower()}-{'train' if train else 'infer'}-B{B}-T{T}-{I}x{H}", kind,
+                f"{mode}, B={B}, T={T}, input {I}, hidden {H}", build, target)
+
+
+def packed_case(kind: str, B: int, T: int, I: int, H: int, train: bool, target: Optional[float]) -> Case:
+    def build():
+        ref, ours = _modules(kind, I, H)
+        gen = torch.Generator().manual_seed(1)
+        lengths = torch.randint(T // 4, T + 1, (B,), generator=gen)
+        x = torch.randn(T, B, I, requires_grad=train)
+
+        def run(m):
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            if train:
+                out, _ = m(packed)
+                out.data.sum().backward()
+            else:
+                with torch.no_grad():
+                    m(packed)
+
+        return (lambda: run(ref)), (lambda: run(ours)), _recurrent_flops(kind, int(lengths.sum()), I, H, train)
+
+    mode = "packed training step" if train else "packed inference"
+    return Case(f"{kind.lower()}-packed-{'train' if train else 'infer'}-B{B}-T{T}-{I}x{H}", kind,
+                f"{mode}, B={B}, T={T}, {I}/{H}, lengths uniform in [T/4, T]", build, target)
+
+
+def cell_loop_case(kind: str, B: int, I: int, H: int, steps: int, target: Optional[float]) -> Case:
+    cell_kind = kind + "Cell"
+
+    def build():
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, cell_kind)(I, H)
+        ours = getattr(seqkernels.nn, cell_kind).from_torch(ref)
+        xs = torch.randn(steps, B, I)
+
+        def run(cell):
+            with torch.no_grad():
+                h = torch.zeros(B, H)
+                state = (h, torch.zeros(B, H)) if kind == "LSTM" else h
+                for t in range(steps):
+                    state = cell(xs[t], state)
+
+        return (lambda: run(ref)), (lambda: run(ours)), _recurrent_flops(kind, steps * B, I, H, False)
+
+    return Case(f"{cell_kind.lower()}-loop-B{B}-{I}x{H}-{steps}steps", kind,
+                f"{cell_kind} step loop in Python, B={B}, {I}/{H}, {steps} steps (inference)", build, target)
+
+
+def recurrent_cases() -> List[Case]:
+    """The grid of the recurrence issue, for the LSTM (with its targets) and the RNN (tanh, reported)."""
+    cases = []
+    for kind in ("LSTM", "RNN"):
+        t = (lambda v: v) if kind == "LSTM" else (lambda v: None)
+        cases += [
+            sequence_case(kind, 1, 512, 128, 128, False, t(1.5)),
+            sequence_case(kind, 32, 128, 256, 256, False, t(1.1)),
+            sequence_case(kind, 64, 64, 512, 512, False, t(1.0)),
+            sequence_case(kind, 32, 128, 256, 256, True, t(1.3)),
+            packed_case(kind, 32, 128, 256, 256, False, t(2.0)),
+            packed_case(kind, 16, 128, 128, 128, True, t(1.5)),
+            cell_loop_case(kind, 1, 128, 128, 256, t(3.0)),
+        ]
+    return cases
