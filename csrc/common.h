@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 namespace seqkernels {
@@ -46,6 +47,26 @@ inline void check_arg(const char* op, const char* name, const at::Tensor& t, at:
   check_cpu_float(op, name, t);
   check_same_dtype(op, name, t, ref_name, ref);
   check_shape(op, name, t, expected, layout);
+}
+
+// b_ih and b_hh: both tensors of shape (rows) matching input, or both None.
+inline void check_biases(const char* op, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, int64_t rows, const char* layout,
+                         const at::Tensor& input) {
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op,
+              ": expected b_ih and b_hh to be both tensors or both None, got b_ih ",
+              b_ih.has_value() ? "a tensor" : "None", " and b_hh ", b_hh.has_value() ? "a tensor" : "None");
+  if (b_ih.has_value()) {
+    check_arg(op, "b_ih", *b_ih, {rows}, layout, "input", input);
+    check_arg(op, "b_hh", *b_hh, {rows}, layout, "input", input);
+  }
+}
+
+// The RNN nonlinearity: returns true for "relu", false for "tanh".
+inline bool is_relu(const char* op, const std::string& nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
+              ": expected nonlinearity to be 'tanh' or 'relu', got '", nonlinearity, "'");
+  return nonlinearity == "relu";
 }
 
 // bfloat16 inputs are computed in float32 (matmul accumulation, activations, state); others in their own type.

@@ -247,3 +247,18 @@ def test_cpp_layer_rejects_bad_shapes_and_types():
     with pytest.raises(RuntimeError, match=r"gates \(saved by lstm_seq_fwd with train=True\) to have dtype"):
         out, h_n, c_n, gates, cells = ops.lstm_seq_fwd(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False, True)
         ops.lstm_seq_bwd(out, h_n, c_n, x, bs, h0, c0, w_ih, w_hh, None, out, gates.double(), cells, False)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_reference_layer_matches_torch_rnn_on_packed_sequences(nonlinearity):
+    lengths = [7, 5, 5, 2, 1, 1]
+    m = torch.nn.RNN(4, 6, bidirectional=True, nonlinearity=nonlinearity, dtype=torch.float64)
+    x = torch.randn(7, len(lengths), 4, dtype=torch.float64)
+    h0 = torch.randn(2, len(lengths), 6, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor(lengths))
+    out, h_n = m(packed, h0)
+    for d, sfx in enumerate(["", "_reverse"]):
+        w = [getattr(m, f"{n}_l0{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        o, h = reference.rnn_layer(packed.data, packed.batch_sizes, h0[d], *w, nonlinearity, reverse=bool(d))
+        assert_close64("output", o, out.data[:, 6 * d : 6 * d + 6])
+        assert_close64("h_n", h, h_n[d])

@@ -92,17 +92,6 @@ Tensor combined_bias(const std::optional<Tensor>& b_ih, const std::optional<Tens
   return (b_ih->to(ct) + b_hh->to(ct)).contiguous();
 }
 
-void check_biases(const char* op, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-                  int64_t rows, const char* layout, const Tensor& input) {
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op,
-              ": expected b_ih and b_hh to be both tensors or both None, got b_ih ",
-              b_ih.has_value() ? "a tensor" : "None", " and b_hh ", b_hh.has_value() ? "a tensor" : "None");
-  if (b_ih.has_value()) {
-    check_arg(op, "b_ih", *b_ih, {rows}, layout, "input", input);
-    check_arg(op, "b_hh", *b_hh, {rows}, layout, "input", input);
-  }
-}
-
 // Checks input (B, I), w_ih (gates*H, I), w_hh (gates*H, H) and returns H.
 int64_t check_cell_weights(const char* op, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
                            int64_t gates, const char* w_ih_layout, const char* w_hh_layout) {
@@ -242,17 +231,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
 // ---------------------------------------------------------------------------------------------------------------
 // RNN cell: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act = tanh or relu
 
-bool parse_nonlinearity(const char* op, const std::string& nonlinearity) {
-  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
-              ": expected nonlinearity to be 'tanh' or 'relu', got '", nonlinearity, "'");
-  return nonlinearity == "relu";
-}
-
 Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                     const std::string& nonlinearity) {
   constexpr const char* op = "seqkernels::rnn_cell_fwd";
-  const bool relu = parse_nonlinearity(op, nonlinearity);
+  const bool relu = is_relu(op, nonlinearity);
   const int64_t H =
       check_cell_weights(op, input, w_ih, w_hh, 1, "(hidden_size, input_size)", "(hidden_size, hidden_size)");
   const int64_t B = input.size(0);
@@ -288,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_bwd(const Tensor& gr
                                                                 const Tensor& w_hh, const Tensor& hy,
                                                                 const std::string& nonlinearity) {
   constexpr const char* op = "seqkernels::rnn_cell_bwd";
-  const bool relu = parse_nonlinearity(op, nonlinearity);
+  const bool relu = is_relu(op, nonlinearity);
   const int64_t H =
       check_cell_weights(op, input, w_ih, w_hh, 1, "(hidden_size, input_size)", "(hidden_size, hidden_size)");
   const int64_t B = input.size(0);

@@ -505,15 +505,6 @@ Tensor bias_sum(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& 
   return (b_ih->to(ct) + b_hh->to(ct)).contiguous();
 }
 
-void check_bias_pair(const char* op, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-                     int64_t rows, const char* layout, const Tensor& input) {
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), op, ": expected b_ih and b_hh to be both tensors or both None");
-  if (b_ih.has_value()) {
-    check_arg(op, "b_ih", *b_ih, {rows}, layout, "input", input);
-    check_arg(op, "b_hh", *b_hh, {rows}, layout, "input", input);
-  }
-}
-
 // Shapes of an LSTM layer call: returns {H, P}.
 std::pair<int64_t, int64_t> check_lstm_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& c0,
                                              const Tensor& w_ih, const Tensor& w_hh,
@@ -550,7 +541,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
     const std::optional<Tensor>& w_hr, bool reverse, bool train) {
   constexpr const char* op = "seqkernels::lstm_seq_fwd";
   const auto [H, P] = check_lstm_layer(op, input, h0, c0, w_ih, w_hh, w_hr);
-  check_bias_pair(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
+  check_biases(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
   const int64_t B = h0.size(0), N = input.size(0);
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
 
@@ -627,12 +618,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
   return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
-bool relu_of(const char* op, const std::string& nonlinearity) {
-  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
-              ": expected nonlinearity to be 'tanh' or 'relu', got '", nonlinearity, "'");
-  return nonlinearity == "relu";
-}
-
 int64_t check_rnn_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
                         const Tensor& w_hh) {
   check_cpu_float(op, "input", input);
@@ -655,9 +640,9 @@ std::tuple<Tensor, Tensor> rnn_seq_fwd(const Tensor& input, const Tensor& batch_
                                        const std::optional<Tensor>& b_hh, const std::string& nonlinearity,
                                        bool reverse) {
   constexpr const char* op = "seqkernels::rnn_seq_fwd";
-  const bool relu = relu_of(op, nonlinearity);
+  const bool relu = is_relu(op, nonlinearity);
   const int64_t H = check_rnn_layer(op, input, h0, w_ih, w_hh);
-  check_bias_pair(op, b_ih, b_hh, H, "(hidden_size)", input);
+  check_biases(op, b_ih, b_hh, H, "(hidden_size)", input);
   const int64_t B = h0.size(0), N = input.size(0);
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
   const auto dt = input.scalar_type(), ct = compute_type(dt);
@@ -676,7 +661,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
     const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& output, const std::string& nonlinearity,
     bool reverse) {
   constexpr const char* op = "seqkernels::rnn_seq_bwd";
-  const bool relu = relu_of(op, nonlinearity);
+  const bool relu = is_relu(op, nonlinearity);
   const int64_t H = check_rnn_layer(op, input, h0, w_ih, w_hh);
   const int64_t B = h0.size(0), N = input.size(0);
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
