@@ -13,7 +13,9 @@ tensors try cpu, reference. ``use_backend(name)`` or the ``SEQKERNELS_BACKEND`` 
 backend; a forced backend that cannot take a call raises :class:`BackendError` listing its reasons. An automatic
 fallback past a preferred backend is logged once per (op, backend, reasons).
 
-``use_backend`` is process-wide, like ``torch.backends`` flags: a plain module-level stack, which
+``SEQKERNELS_BACKEND`` is read once, when seqkernels is imported (as torch reads its own environment variables):
+the per-call cost of consulting ``os.environ`` showed in cell-step loops. ``use_backend`` is process-wide, like
+``torch.backends`` flags: a plain module-level stack, which
 ``torch.compile`` reads (and guards on) while tracing, where a ``ContextVar`` would break the graph.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Implementation:
 _registry: Dict[str, Dict[str, Implementation]] = {}
 _forced: List[Optional[str]] = []  # innermost use_backend last
 _status_cache: Dict[str, Tuple[bool, str]] = {}
+_env_backend: Optional[str] = os.environ.get(ENV_VAR) or None
 _logged: set = set()
 
 
@@ -91,9 +94,8 @@ def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or, failing that, by ``SEQKERNELS_BACKEND``."""
     if _forced:
         return _forced[-1]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return _check_name(env, ENV_VAR)
+    if _env_backend is not None:
+        return _check_name(_env_backend, ENV_VAR)
     return None
 
 

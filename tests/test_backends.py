@@ -74,13 +74,27 @@ def test_unknown_backend_name_is_rejected():
             pass
 
 
-def test_environment_variable_forces_a_backend(monkeypatch):
-    x, hx, w_ih, w_hh = _cell_args()
-    monkeypatch.setenv("SEQKERNELS_BACKEND", "reference")
-    assert backends.select("lstm_cell", x.device, x, *hx, w_ih, w_hh, None, None).backend == "reference"
-    monkeypatch.setenv("SEQKERNELS_BACKEND", "nope")
-    with pytest.raises(ValueError, match=r"SEQKERNELS_BACKEND: unknown seqkernels backend 'nope'"):
+ENV_CHECK = """
+    import torch, seqkernels
+    from seqkernels import backends
+    x = torch.randn(2, 3)
+    hx = (torch.randn(2, 4), torch.randn(2, 4))
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    try:
+        print("selected", backends.select("lstm_cell", x.device, x, *hx, w_ih, w_hh, None, None).backend)
         seqkernels.lstm_cell(x, hx, w_ih, w_hh)
+        seqkernels.nn.LSTMCell(3, 4)(x, hx)
+    except ValueError as e:
+        print("error", e)
+"""
+
+
+def test_environment_variable_forces_a_backend():
+    result = _run_python(ENV_CHECK, SEQKERNELS_BACKEND="reference")
+    assert result.returncode == 0, result.stderr
+    assert "selected reference" in result.stdout
+    result = _run_python(ENV_CHECK, SEQKERNELS_BACKEND="nope")
+    assert "error SEQKERNELS_BACKEND: unknown seqkernels backend 'nope'" in result.stdout, result.stdout + result.stderr
 
 
 def test_triton_is_allowed_on_cpu_tensors_only_under_the_interpreter(monkeypatch):
@@ -90,8 +104,8 @@ def test_triton_is_allowed_on_cpu_tensors_only_under_the_interpreter(monkeypatch
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env}
-    full_env.pop("SEQKERNELS_BACKEND", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "SEQKERNELS_BACKEND"}
+    full_env.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=full_env, timeout=120)
 

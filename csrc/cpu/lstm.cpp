@@ -82,14 +82,11 @@ Tensor input_and_hidden_matmul(const Tensor& x, const Tensor& w_ih, const Tensor
   return out;
 }
 
-// b_ih + b_hh in the compute type, or zeros: one contiguous vector the fused pass reads unconditionally.
-Tensor combined_bias(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t rows,
-                     const Tensor& like) {
+// A bias in the compute type, contiguous, or zeros when absent: the fused pass reads both unconditionally.
+Tensor bias_or_zeros(const std::optional<Tensor>& bias, int64_t rows, const Tensor& like) {
   const auto ct = compute_type(like.scalar_type());
-  if (!b_ih.has_value()) {
-    return at::zeros({rows}, like.options().dtype(ct));
-  }
-  return (b_ih->to(ct) + b_hh->to(ct)).contiguous();
+  if (!bias.has_value()) return at::zeros({rows}, like.options().dtype(ct));
+  return bias->to(ct).contiguous();
 }
 
 // Checks input (B, I), w_ih (gates*H, I), w_hh (gates*H, H) and returns H.
@@ -111,11 +108,11 @@ int64_t check_cell_weights(const char* op, const Tensor& input, const Tensor& w_
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM cell (gate order i, f, g, o as torch)
 
-// One batch row: gate pre-activations (without bias) in, activated gates out (in place), new state written.
+// One batch row: gate pre-activations (without biases) in, activated gates out (in place), new state written.
 template <typename T>
-void lstm_pointwise_fwd(T* __restrict__ gates, const T* __restrict__ bias, const T* __restrict__ c_prev,
-                        T* __restrict__ c_out, T* __restrict__ h_out, int64_t H) {
-  for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j];
+void lstm_pointwise_fwd(T* __restrict__ gates, const T* __restrict__ b_ih, const T* __restrict__ b_hh,
+                        const T* __restrict__ c_prev, T* __restrict__ c_out, T* __restrict__ h_out, int64_t H) {
+  for (int64_t j = 0; j < 4 * H; ++j) gates[j] += b_ih[j] + b_hh[j];
   vec_math::sigmoid(gates, gates, 2 * H);  // i, f
   vec_math::tanh(gates + 2 * H, gates + 2 * H, H);
   vec_math::sigmoid(gates + 3 * H, gates + 3 * H, H);
@@ -158,19 +155,20 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& input, const Tens
 
   const auto ct = compute_type(input.scalar_type());
   Tensor gates = input_and_hidden_matmul(input, w_ih, hx, w_hh);  // (B, 4H), contiguous
-  const Tensor bias = combined_bias(b_ih, b_hh, 4 * H, input);
+  const Tensor bi = bias_or_zeros(b_ih, 4 * H, input), bh = bias_or_zeros(b_hh, 4 * H, input);
   const Tensor c_prev = cx.to(ct).contiguous();
   Tensor cy = at::empty({B, H}, gates.options());
   Tensor hy = at::empty({B, H}, gates.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
     scalar_t* g = gates.data_ptr<scalar_t>();
-    const scalar_t* b = bias.data_ptr<scalar_t>();
+    const scalar_t* b1 = bi.data_ptr<scalar_t>();
+    const scalar_t* b2 = bh.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
     scalar_t* c = cy.data_ptr<scalar_t>();
     scalar_t* h = hy.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(4 * H), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        lstm_pointwise_fwd(g + r * 4 * H, b, cp + r * H, c + r * H, h + r * H, H);
+        lstm_pointwise_fwd(g + r * 4 * H, b1, b2, cp + r * H, c + r * H, h + r * H, H);
       }
     });
   });
@@ -243,20 +241,21 @@ Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, c
   check_biases(op, b_ih, b_hh, H, "(hidden_size)", input);
 
   Tensor pre = input_and_hidden_matmul(input, w_ih, hx, w_hh);
-  const Tensor bias = combined_bias(b_ih, b_hh, H, input);
+  const Tensor bi = bias_or_zeros(b_ih, H, input), bh = bias_or_zeros(b_hh, H, input);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_cell_fwd", [&] {
     scalar_t* p = pre.data_ptr<scalar_t>();
-    const scalar_t* b = bias.data_ptr<scalar_t>();
+    const scalar_t* b1 = bi.data_ptr<scalar_t>();
+    const scalar_t* b2 = bh.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* __restrict__ row = p + r * H;
         if (relu) {
           for (int64_t j = 0; j < H; ++j) {
-            const scalar_t v = row[j] + b[j];
+            const scalar_t v = row[j] + (b1[j] + b2[j]);
             row[j] = v > scalar_t(0) ? v : scalar_t(0);
           }
         } else {
-          for (int64_t j = 0; j < H; ++j) row[j] += b[j];
+          for (int64_t j = 0; j < H; ++j) row[j] += b1[j] + b2[j];
           vec_math::tanh(row, row, H);
         }
       }

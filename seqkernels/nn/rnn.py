@@ -194,6 +194,12 @@ class LSTMCell(_FromTorch, torch.nn.LSTMCell):
     _config_args = ("input_size", "hidden_size", "bias")
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if type(hx) is tuple and isinstance(input, Tensor) and input.dim() == 2:  # the step-loop case, kept lean
+            try:
+                return lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            except (ValueError, TypeError):
+                pass  # bad input: the full path below reports it in torch's words
+
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError("LSTMCell: expected hx to be a tuple (h_0, c_0) of two tensors")
         input, states, is_batched = _cell_inputs("LSTMCell", self, input, hx)
@@ -213,6 +219,12 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
     _config_args = ("input_size", "hidden_size", "bias", "nonlinearity")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if isinstance(hx, Tensor) and isinstance(input, Tensor) and input.dim() == 2:  # the step-loop case, kept lean
+            try:
+                return rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
+            except (ValueError, TypeError):
+                pass  # bad input: the full path below reports it in torch's words
+
         input, states, is_batched = _cell_inputs("RNNCell", self, input, None if hx is None else (hx,))
         h0 = (
             states[0]

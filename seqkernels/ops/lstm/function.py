@@ -6,7 +6,6 @@ that module, run its forward, save what its backward needs, and call the same mo
 """
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
@@ -26,9 +25,9 @@ def _plain_cpu_call(input) -> bool:
     supported dtype, no forced backend. Cell steps run in Python loops, so these skip the per-call selection."""
     return (
         not backends._forced
-        and backends.ENV_VAR not in os.environ
+        and backends._env_backend is None
         and isinstance(input, Tensor)
-        and input.device.type == "cpu"
+        and input.is_cpu
         and input.dtype in cpu.DTYPES
         and input.layout == torch.strided
         and backends.backend_status("cpu")[0]
