@@ -111,19 +111,34 @@ inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, con
   for (; n0 < Nc; n0 += L) column_block<T, 1>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
 }
 
-// C[M x Nc] = A[M x K] @ B[K x Nc]; Nc % lanes<T>() == 0; C rows must hold Nc elements. With one or two rows
-// (a latency-bound GEMV) the column blocks are four times wider, so enough independent multiply-add chains are
-// in flight.
+// C[M x Nc] (+)= A[M x K] @ B[K x Nc] (adds to C when `accumulate`); Nc % lanes<T>() == 0; C rows must hold
+// Nc elements. With one or two rows (a latency-bound GEMV) the column blocks are four times wider, so enough
+// independent multiply-add chains are in flight.
 template <typename T>
 void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-            int64_t ldc) {
+            int64_t ldc, bool accumulate = false) {
   for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kPanel) {
     const int64_t kn = std::min(kPanel, K - k0);
     if (M <= 2)
-      panel<T, 8>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, k0 > 0);
+      panel<T, 8>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
     else
-      panel<T, kColBlock>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, k0 > 0);
+      panel<T, kColBlock>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
   }
+}
+
+// sum(a[k] * b[k]) in exactly the order matmul sums one output element (multiply-add chains over panels of
+// kPanel, panels added in turn), so a value computed both ways is bitwise equal: the attention backward relies
+// on rowsum(dO * O) cancelling dO @ V^T exactly where softmax probabilities are exactly one.
+template <typename T>
+T dot_like_matmul(const T* a, const T* b, int64_t K) {
+  T total = T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
+    const int64_t k1 = std::min(K, k0 + kPanel);
+    T acc = T(0);
+    for (int64_t k = k0; k < k1; ++k) acc += a[k] * b[k];
+    total = k0 == 0 ? acc : total + acc;
+  }
+  return total;
 }
 
 }  // namespace gemm

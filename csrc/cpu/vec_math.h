@@ -4,7 +4,8 @@
 // relying on auto-vectorization proved fragile, since GCC would not always if-convert the range clamps.
 // Accuracy against float64 over the whole range: exp within 1 ulp, tanh within 2 ulp (including near 0, where the
 // usual 1 - 2 / (e^2x + 1) form would lose all relative precision: a fitted odd polynomial is used there), sigmoid
-// within 2 ulp. Inputs beyond +-87 saturate (results change by less than 1e-37). NaN propagates.
+// within 2 ulp. exp is exactly 0 below -87.34 (where e^x leaves float's normal range; -inf included) and
+// saturates above 88. NaN propagates.
 // double: libm, for gradcheck and exact float64 comparisons.
 // `in` may equal `out`.
 #pragma once
@@ -23,6 +24,7 @@ typedef int32_t vint16 __attribute__((vector_size(64)));
 // < 3e-9 relative), ln 2 split in two (Cody-Waite) so r is exact to float precision.
 inline vfloat16 exp16(vfloat16 x) {
   const vfloat16 lo = vfloat16{} - 87.0f, hi = vfloat16{} + 88.0f;
+  const auto underflow = x < -87.33654f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
@@ -37,7 +39,8 @@ inline vfloat16 exp16(vfloat16 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vint16 bits = (__builtin_convertvector(n, vint16) + 127) << 23;
-  return p * reinterpret_cast<const vfloat16&>(bits);
+  const vfloat16 e = p * reinterpret_cast<const vfloat16&>(bits);
+  return underflow ? vfloat16{} : e;
 }
 
 inline vfloat16 sigmoid16(vfloat16 x) {
@@ -78,9 +81,13 @@ inline void map_float(const float* in, float* out, int64_t n, F f) {
   }
 }
 
+inline void exp(const float* in, float* out, int64_t n) { map_float(in, out, n, exp16); }
 inline void sigmoid(const float* in, float* out, int64_t n) { map_float(in, out, n, sigmoid16); }
 inline void tanh(const float* in, float* out, int64_t n) { map_float(in, out, n, tanh16); }
 
+inline void exp(const double* in, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
+}
 inline void sigmoid(const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.0 / (1.0 + std::exp(-in[i]));
 }

@@ -1,0 +1,365 @@
+// Flash-style scaled-dot-product attention on the CPU, forward and backward.
+//
+// Layout (prepared by seqkernels/ops/attention): q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev), contiguous,
+// in the compute type (float32 for float32/bfloat16, float64); query head h reads key/value head h / (Hq / Hkv)
+// (grouped-query attention; Hkv = Hq is plain attention). The optional mask is a (Z, Hq, L, S) view of the
+// user's mask through broadcast strides (stride 0 where it broadcasts): it is read tile by tile, never expanded.
+// A bool mask keeps the entries that are true; a float mask is added to the scaled scores.
+//
+// Forward: each task takes one (z, h, tile of kQueryTile queries) and walks the key tiles with an online
+// softmax, so the L x S score matrix never exists; with is_causal (top-left aligned, as torch) the key tiles past
+// the tile's last query are not visited. It saves the log-sum-exp of each row. Rows that see no key give 0.
+// Backward (FlashAttention-2's, without atomics): D = rowsum(dO * O); one pass over key tiles accumulates dK and
+// dV (each task owns one key tile of one key/value head, looping over the query heads of its group), one pass over
+// query tiles accumulates dQ (and the float mask's gradient, which is dS). Probabilities are recomputed from the
+// log-sum-exp. Each output element has one owner and a fixed summation order: deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "../common.h"
+#include "gemm_kernel.h"
+#include "vec_math.h"
+
+namespace seqkernels {
+namespace {
+
+using at::Tensor;
+using gemm::round_up;
+
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 64;
+
+struct Shape {
+  int64_t Z, Hq, Hkv, L, S, E, Ev, group;
+};
+
+// The optional mask, read through its (Z, Hq, L, S) strides.
+template <typename T>
+struct Mask {
+  const bool* b = nullptr;
+  const T* f = nullptr;
+  int64_t sz = 0, sh = 0, sl = 0, ss = 0;
+  bool any() const { return b != nullptr || f != nullptr; }
+};
+
+// Scores of rows [l0, l0 + rows) x keys [s0, s0 + cols) of head (z, h): masks applied in place.
+template <typename T>
+void apply_masks(T* S, int64_t ldS, int64_t rows, int64_t cols, int64_t z, int64_t h, int64_t l0, int64_t s0,
+                 bool causal, const Mask<T>& m) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = S + r * ldS;
+    if (causal)
+      for (int64_t c = std::max<int64_t>(0, l0 + r + 1 - s0); c < cols; ++c) row[c] = neg_inf;
+    if (!m.any()) continue;
+    const int64_t base = z * m.sz + h * m.sh + (l0 + r) * m.sl + s0 * m.ss;
+    if (m.b) {
+      for (int64_t c = 0; c < cols; ++c)
+        if (!m.b[base + c * m.ss]) row[c] = neg_inf;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) row[c] += m.f[base + c * m.ss];
+    }
+  }
+}
+
+// dst[c][r] = src[r][c] for r < rows, c < cols (dst row stride ldd).
+template <typename T>
+void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// dst (rows x ldd) = src (rows x cols, row stride lds) * alpha, columns past cols zeroed.
+template <typename T>
+void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * ldd + c] = src[r * lds + c] * alpha;
+    for (int64_t c = cols; c < ldd; ++c) dst[r * ldd + c] = T(0);
+  }
+}
+
+// dst (cols x ldd) = src^T for src (rows x cols), columns past rows zeroed: K^T / V^T tiles.
+template <typename T>
+void pack_transposed_tile(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
+  transpose(src, cols, rows, cols, dst, ldd);
+}
+
+// P = exp(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
+template <typename T>
+void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = S + r * ldS;
+    if (lse[r] == -std::numeric_limits<T>::infinity()) {
+      std::fill(row, row + ldS, T(0));
+      continue;
+    }
+    for (int64_t c = 0; c < cols; ++c) row[c] -= lse[r];
+    vec_math::exp(row, row, cols);
+    std::fill(row + cols, row + ldS, T(0));
+  }
+}
+
+template <typename T>
+void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal, T scale,
+                       T* out, T* lse) {
+  constexpr int64_t L_ = gemm::lanes<T>();
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile;
+  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Bcp = round_up(kKeyTile, L_);
+  at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qs(kQueryTile * Ep), Kt(d.E * Bcp), Vp(kKeyTile * Evp), Sb(kQueryTile * Bcp),
+        O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
+      const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+      const T* qh = q + ((z * d.Hq + h) * d.L + l0) * d.E;
+      const T* kh = k + (z * d.Hkv + hk) * d.S * d.E;
+      const T* vh = v + (z * d.Hkv + hk) * d.S * d.Ev;
+      copy_rows(qh, d.E, rows, d.E, scale, Qs.data(), Ep);
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(O.begin(), O.end(), T(0));
+      const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;  // causal: later keys are never seen
+      for (int64_t s0 = 0; s0 < s_end; s0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, s_end - s0);
+        pack_transposed_tile(kh + s0 * d.E, cols, d.E, Kt.data(), Bcp);
+        gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
+        apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
+        for (int64_t r = 0; r < rows; ++r) {  // online softmax
+          T* row = Sb.data() + r * Bcp;
+          T mx = neg_inf;
+          for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
+          const T m_new = std::max(m[r], mx);
+          if (m_new == neg_inf) {  // no key visible to this row yet
+            std::fill(row, row + Bcp, T(0));
+            continue;
+          }
+          const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
+          for (int64_t c = 0; c < cols; ++c) row[c] -= m_new;
+          vec_math::exp(row, row, cols);
+          std::fill(row + cols, row + Bcp, T(0));
+          T sum = T(0);
+          for (int64_t c = 0; c < cols; ++c) sum += row[c];
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          if (alpha != T(1))
+            for (int64_t e = 0; e < Evp; ++e) O[r * Evp + e] *= alpha;
+        }
+        copy_rows(vh + s0 * d.Ev, d.Ev, cols, d.Ev, T(1), Vp.data(), Evp);
+        gemm::matmul<T>(rows, Evp, cols, Sb.data(), Bcp, Vp.data(), Evp, O.data(), Evp, /*accumulate=*/true);
+      }
+      T* oh = out + ((z * d.Hq + h) * d.L + l0) * d.Ev;
+      T* lh = lse + (z * d.Hq + h) * d.L + l0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        for (int64_t e = 0; e < d.Ev; ++e) oh[r * d.Ev + e] = O[r * Evp + e] * inv;
+        lh[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;
+      }
+    }
+  });
+}
+
+template <typename T>
+void attention_backward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal,
+                        T scale, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv, T* dmask) {
+  constexpr int64_t L_ = gemm::lanes<T>();
+  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + kKeyTile - 1) / kKeyTile;
+  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Bcp = round_up(kKeyTile, L_);
+  const int64_t Brp = round_up(kQueryTile, L_);
+
+  // Pass 1: dK, dV per (z, key/value head, key tile).
+  at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Kt(d.E * Bcp), Vt(d.Ev * Bcp), Qs(kQueryTile * Ep), dOp(kQueryTile * Evp), Sb(kQueryTile * Bcp),
+        dP(kQueryTile * Bcp), Tt(kKeyTile * Brp), dK(kKeyTile * Ep), dV(kKeyTile * Evp);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kt = task % k_tiles, zh = task / k_tiles, z = zh / d.Hkv, hk = zh % d.Hkv;
+      const int64_t s0 = kt * kKeyTile, cols = std::min(kKeyTile, d.S - s0);
+      const T* kh = k + ((z * d.Hkv + hk) * d.S + s0) * d.E;
+      const T* vh = v + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
+      pack_transposed_tile(kh, cols, d.E, Kt.data(), Bcp);
+      pack_transposed_tile(vh, cols, d.Ev, Vt.data(), Bcp);
+      std::fill(dK.begin(), dK.end(), T(0));
+      std::fill(dV.begin(), dV.end(), T(0));
+      for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
+        for (int64_t qt = 0; qt < q_tiles; ++qt) {
+          const int64_t l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+          if (causal && l0 + rows - 1 < s0) continue;  // every query of the tile precedes every key of ours
+          const int64_t row0 = (z * d.Hq + h) * d.L + l0;
+          copy_rows(q + row0 * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
+          copy_rows(dout + row0 * d.Ev, d.Ev, rows, d.Ev, T(1), dOp.data(), Evp);
+          gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
+          apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
+          probabilities(Sb.data(), Bcp, rows, cols, lse + row0);
+          // dV += P^T dO
+          std::fill(Tt.begin(), Tt.end(), T(0));
+          transpose(Sb.data(), Bcp, rows, cols, Tt.data(), Brp);
+          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp.data(), Evp, dV.data(), Evp, true);
+          // dS = P * (dO V^T - D)
+          gemm::matmul<T>(rows, Bcp, d.Ev, dOp.data(), Evp, Vt.data(), Bcp, dP.data(), Bcp);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+              dP[r * Bcp + c] = Sb[r * Bcp + c] * (dP[r * Bcp + c] - Drow[row0 + r]);
+          // dK += dS^T (scale * Q)
+          std::fill(Tt.begin(), Tt.end(), T(0));
+          transpose(dP.data(), Bcp, rows, cols, Tt.data(), Brp);
+          gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs.data(), Ep, dK.data(), Ep, true);
+        }
+      }
+      T* dkh = dk + ((z * d.Hkv + hk) * d.S + s0) * d.E;
+      T* dvh = dv + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
+      for (int64_t c = 0; c < cols; ++c) {
+        std::copy(dK.data() + c * Ep, dK.data() + c * Ep + d.E, dkh + c * d.E);
+        std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dvh + c * d.Ev);
+      }
+    }
+  });
+
+  // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
+  at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Kt(d.E * Bcp), Kp(kKeyTile * Ep), Vt(d.Ev * Bcp), Qs(kQueryTile * Ep), dOp(kQueryTile * Evp),
+        Sb(kQueryTile * Bcp), dP(kQueryTile * Bcp), dQ(kQueryTile * Ep);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
+      const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+      const int64_t row0 = (z * d.Hq + h) * d.L + l0;
+      copy_rows(q + row0 * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
+      copy_rows(dout + row0 * d.Ev, d.Ev, rows, d.Ev, T(1), dOp.data(), Evp);
+      std::fill(dQ.begin(), dQ.end(), T(0));
+      const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
+      for (int64_t s0 = 0; s0 < s_end; s0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, s_end - s0);
+        const T* kh = k + ((z * d.Hkv + hk) * d.S + s0) * d.E;
+        const T* vh = v + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
+        pack_transposed_tile(kh, cols, d.E, Kt.data(), Bcp);
+        copy_rows(kh, d.E, cols, d.E, T(1), Kp.data(), Ep);
+        pack_transposed_tile(vh, cols, d.Ev, Vt.data(), Bcp);
+        gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
+        apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
+        probabilities(Sb.data(), Bcp, rows, cols, lse + row0);
+        gemm::matmul<T>(rows, Bcp, d.Ev, dOp.data(), Evp, Vt.data(), Bcp, dP.data(), Bcp);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < cols; ++c)
+            dP[r * Bcp + c] = Sb[r * Bcp + c] * (dP[r * Bcp + c] - Drow[row0 + r]);
+          if (dmask) std::copy(dP.data() + r * Bcp, dP.data() + r * Bcp + cols, dmask + (row0 + r) * d.S + s0);
+        }
+        gemm::matmul<T>(rows, Ep, cols, dP.data(), Bcp, Kp.data(), Ep, dQ.data(), Ep, true);
+      }
+      T* dqh = dq + row0 * d.E;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t e = 0; e < d.E; ++e) dqh[r * d.E + e] = dQ[r * Ep + e] * scale;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Op entry points
+
+Shape check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_cpu_float(op, "query", q);
+  check_dim(op, "query", q, 4, "(batch, heads, L, E)");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"key", k}, {"value", v}}) {
+    check_cpu_float(op, name, t);
+    check_same_dtype(op, name, t, "query", q);
+    check_dim(op, name, t, 4, "(batch, kv_heads, S, E or Ev)");
+  }
+  Shape d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3), 1};
+  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, op, ": expected the query heads (", d.Hq,
+              ") to be a multiple of the key/value heads (", d.Hkv, ")");
+  d.group = d.Hq / d.Hkv;
+  check_shape(op, "key", k, {d.Z, d.Hkv, d.S, d.E}, "(batch, kv_heads, S, E)");
+  check_shape(op, "value", v, {d.Z, d.Hkv, d.S, d.Ev}, "(batch, kv_heads, S, Ev)");
+  TORCH_CHECK(d.E > 0 && d.Ev > 0, op, ": expected head dims > 0, got E = ", d.E, ", Ev = ", d.Ev);
+  return d;
+}
+
+template <typename T>
+Mask<T> mask_view(const char* op, const std::optional<Tensor>& mask, const Shape& d, at::ScalarType ct) {
+  Mask<T> m;
+  if (!mask.has_value()) return m;
+  const Tensor& t = *mask;
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected attn_mask on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == ct, op, ": expected attn_mask to be bool or ", ct,
+              ", got ", t.scalar_type());
+  check_shape(op, "attn_mask", t, {d.Z, d.Hq, d.L, d.S}, "(batch, heads, L, S), broadcast through strides");
+  m.sz = t.stride(0);
+  m.sh = t.stride(1);
+  m.sl = t.stride(2);
+  m.ss = t.stride(3);
+  if (t.scalar_type() == at::kBool)
+    m.b = t.data_ptr<bool>();
+  else
+    m.f = t.data_ptr<T>();
+  return m;
+}
+
+std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& query, const Tensor& key, const Tensor& value,
+                                    const std::optional<Tensor>& attn_mask, bool is_causal, double scale) {
+  constexpr const char* op = "seqkernels::sdpa_fwd";
+  const Shape d = check_qkv(op, query, key, value);
+  const auto dt = query.scalar_type(), ct = compute_type(dt);
+  const Tensor q = to_compute(query), k = to_compute(key), v = to_compute(value);
+  Tensor out = at::empty({d.Z, d.Hq, d.L, d.Ev}, q.options()), lse = at::empty({d.Z, d.Hq, d.L}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_fwd", [&] {
+    const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
+    attention_forward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
+                                is_causal, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                                lse.data_ptr<scalar_t>());
+  });
+  return {out.to(dt), lse};
+}
+
+// grad_mask: dense (Z, Hq, L, S) in the compute type when mask_grad, else an empty (0,) tensor.
+std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, const Tensor& query, const Tensor& key,
+                                                    const Tensor& value, const std::optional<Tensor>& attn_mask,
+                                                    const Tensor& out, const Tensor& lse, bool is_causal,
+                                                    double scale, bool mask_grad) {
+  constexpr const char* op = "seqkernels::sdpa_bwd";
+  const Shape d = check_qkv(op, query, key, value);
+  const auto dt = query.scalar_type(), ct = compute_type(dt);
+  check_arg(op, "grad_out", grad_out, {d.Z, d.Hq, d.L, d.Ev}, "(batch, heads, L, Ev)", "query", query);
+  check_arg(op, "out", out, {d.Z, d.Hq, d.L, d.Ev}, "(batch, heads, L, Ev)", "query", query);
+  check_cpu_float(op, "lse", lse);
+  TORCH_CHECK(lse.scalar_type() == ct, op, ": expected lse (saved by sdpa_fwd) to have dtype ", ct, ", got ",
+              lse.scalar_type());
+  check_shape(op, "lse", lse, {d.Z, d.Hq, d.L}, "(batch, heads, L)");
+  TORCH_CHECK(!mask_grad || (attn_mask.has_value() && attn_mask->scalar_type() != at::kBool), op,
+              ": mask_grad needs a float attn_mask");
+  const Tensor q = to_compute(query), k = to_compute(key), v = to_compute(value), go = to_compute(grad_out);
+  const Tensor lse_c = lse.contiguous(), out_c = to_compute(out);
+  Tensor D = at::empty({d.Z, d.Hq, d.L}, q.options());  // rowsum(dO * O)
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dmask = mask_grad ? at::empty({d.Z, d.Hq, d.L, d.S}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_bwd", [&] {
+    const scalar_t* g = go.data_ptr<scalar_t>();
+    const scalar_t* o = out_c.data_ptr<scalar_t>();
+    scalar_t* Dp = D.data_ptr<scalar_t>();
+    at::parallel_for(0, d.Z * d.Hq * d.L, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) Dp[r] = gemm::dot_like_matmul(g + r * d.Ev, o + r * d.Ev, d.Ev);
+    });
+    const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
+    attention_backward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
+                                 is_causal, static_cast<scalar_t>(scale), go.data_ptr<scalar_t>(),
+                                 lse_c.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                                 dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                                 mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
+  });
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("sdpa_fwd", &sdpa_fwd);
+  m.impl("sdpa_bwd", &sdpa_bwd);
+}
+
+}  // namespace seqkernels

@@ -1,0 +1,206 @@
+"""Scaled-dot-product attention: the C++ kernel against the reference and torch, outputs and every gradient
+(query, key, value, float mask), on shapes that reach every code path."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqkernels
+from seqkernels.ops.attention import reference
+
+from conftest import assert_close64, assert_error_rule
+
+# (query batch shape, key/value batch shape, L, S, E, Ev, enable_gqa): partial tiles (tiles are 64), L or S = 1,
+# L != S both ways, head dims 8, 24, 80, 128 and Ev != E, 3-D / 4-D / 5-D inputs, grouped-query attention, and
+# heads broadcast without enable_gqa.
+SHAPES = [
+    ((2, 3), (2, 3), 100, 70, 24, 40, False),
+    ((1, 2), (1, 2), 130, 130, 64, 64, False),
+    ((2,), (2,), 1, 65, 8, 8, False),
+    ((1, 1), (1, 1), 77, 1, 80, 16, False),
+    ((2, 2, 2), (2, 2, 2), 33, 47, 128, 128, False),
+    ((1, 4), (1, 2), 70, 90, 24, 24, True),
+    ((2, 6), (2, 1), 20, 30, 16, 8, True),
+    ((2, 3), (2, 1), 40, 50, 8, 8, False),
+]
+
+
+def make(qb, kb, L, S, E, Ev, dtype):
+    q = torch.randn(*qb, L, E, dtype=torch.float64)
+    k = torch.randn(*kb, S, E, dtype=torch.float64)
+    v = torch.randn(*kb, S, Ev, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def masks(qb, L, S, dtype):
+    """Every mask shape: (L, S), (1, S) key padding, (B, 1, L, S), (B, H, L, S), (B, 1, 1, S), bool and float,
+    with a fully masked row in the bool ones."""
+    heads = qb[-1]
+    batch = qb[:-1]
+    out = {}
+    b = torch.rand(L, S) > 0.3
+    b[min(1, L - 1)] = False  # a row that sees no key
+    out["bool-LS"] = b
+    out["bool-keypad"] = torch.rand(1, S) > 0.2
+    out["bool-BHLS"] = torch.rand(*batch, heads, L, S) > 0.5
+    out["float-LS"] = torch.randn(L, S, dtype=torch.float64).to(dtype)
+    out["float-B1LS"] = torch.randn(*batch, 1, L, S, dtype=torch.float64).to(dtype)
+    out["float-B11S"] = torch.randn(*batch, 1, 1, S, dtype=torch.float64).to(dtype)
+    return out
+
+
+def run(fn, q, k, v, mask, causal, gqa, upstream):
+    leaves = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    out = fn(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    return [out] + list(torch.autograd.grad(out, leaves, upstream.to(out.dtype)))
+
+
+def ours(q, k, v, **kw):
+    with seqkernels.use_backend("cpu"):
+        return seqkernels.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False):
+    q, k, v = make(qb, kb, L, S, E, Ev, dtype)
+    mask = masks(qb, L, S, dtype)[mask_name] if mask_name else None
+    if mask is not None and mask.is_floating_point():
+        mask.requires_grad_()
+    upstream = torch.randn(*qb, L, Ev, dtype=torch.float64)
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    m64 = None if mask is None else (mask.detach().double().requires_grad_() if mask.is_floating_point() else mask)
+    got = run(ours, q, k, v, mask, causal, gqa, upstream)
+    exact = run(reference.scaled_dot_product_attention, q64, k64, v64, m64, causal, gqa, upstream)
+    names = ["out", "grad query", "grad key", "grad value", "grad mask"]
+    for a, b in zip(got, exact):
+        assert not torch.isnan(a).any()
+    if dtype == torch.float64:
+        for n, a, b in zip(names, got, exact):
+            assert_close64(n, a, b, tol=1e-12)
+        return
+    theirs = run(F.scaled_dot_product_attention, q, k, v, mask, causal, gqa, upstream)  # torch, same dtype
+    for n, a, b, c in zip(names, got, theirs, exact):
+        assert a.dtype == dtype
+        assert_error_rule(n, a, b, c)
+
+
+@pytest.mark.parametrize("qb, kb, L, S, E, Ev, gqa", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_against_reference_and_torch(qb, kb, L, S, E, Ev, gqa, causal, dtype):
+    compare(qb, kb, L, S, E, Ev, gqa, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("mask_name", ["bool-LS", "bool-keypad", "bool-BHLS", "float-LS", "float-B1LS", "float-B11S"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]])
+def test_masks(mask_name, dtype, shape):
+    compare(*shape, dtype, mask_name=mask_name)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    q, k, v = make((1, 2), (1, 2), 10, 12, 8, 8, torch.float32)
+    mask = torch.ones(10, 12, dtype=torch.bool)
+    mask[3] = False
+    fmask = torch.zeros(10, 12)
+    fmask[5] = float("-inf")
+    for m in (mask, fmask):
+        out = ours(q, k, v, attn_mask=m)
+        row = 3 if m.dtype == torch.bool else 5
+        assert torch.equal(out[..., row, :], torch.zeros_like(out[..., row, :]))
+        g, = torch.autograd.grad(out.sum(), q)
+        assert not torch.isnan(g).any() and torch.equal(g[..., row, :], torch.zeros_like(g[..., row, :]))
+
+
+@pytest.mark.parametrize("causal, mask", [(False, None), (True, None), (False, "float")])
+def test_gradcheck(causal, mask):
+    q, k, v = make((1, 2), (1, 2), 5, 7, 3, 4, torch.float64)
+    leaves = [q, k, v]
+    if mask:
+        leaves.append(torch.randn(5, 7, dtype=torch.float64, requires_grad=True))
+
+    def fn(q, k, v, *m):
+        return ours(q, k, v, attn_mask=m[0] if m else None, is_causal=causal)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_opcheck():
+    seqkernels.available_backends()
+    q, k, v = [t.detach() for t in make((2, 3), (2, 3), 9, 11, 8, 6, torch.float32)]
+    mask = torch.randn(1, 1, 9, 11).expand(2, 3, 9, 11)
+    ops = torch.ops.seqkernels
+    for m in (None, mask):
+        torch.library.opcheck(ops.sdpa_fwd.default, (q, k, v, m, False, 0.3))
+    out, lse = ops.sdpa_fwd(q, k, v, mask, False, 0.3)
+    torch.library.opcheck(ops.sdpa_bwd.default, (torch.randn_like(out), q, k, v, mask, out, lse, False, 0.3, True))
+    torch.library.opcheck(ops.sdpa_bwd.default, (torch.randn_like(out), q, k, v, None, out, lse, True, 0.3, False))
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v = [t.detach() for t in make((2, 3), (2, 3), 9, 11, 8, 6, torch.float32)]
+
+    def fn(q, k, v):
+        return seqkernels.scaled_dot_product_attention(q, k, v, is_causal=True).relu()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+
+
+def test_scale_and_results_are_deterministic():
+    q, k, v = [t.detach() for t in make((2, 3), (2, 3), 70, 90, 16, 16, torch.float32)]
+    a = ours(q, k, v, scale=0.7)
+    b = ours(q, k, v, scale=0.7)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, F.scaled_dot_product_attention(q, k, v, scale=0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_runs_on_the_reference_and_is_seeded():
+    q, k, v = [t.detach() for t in make((1, 2), (1, 2), 16, 16, 8, 8, torch.float32)]
+    torch.manual_seed(5)
+    a = seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(5)
+    b = seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, seqkernels.scaled_dot_product_attention(q, k, v))
+    with seqkernels.use_backend("cpu"), pytest.raises(seqkernels.BackendError, match="no dropout yet"):
+        seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(attn_mask=torch.ones(4, 5, dtype=torch.bool), is_causal=True), r"attn_mask to be None when is_causal"),
+        (dict(dropout_p=1.0), r"dropout_p in \[0, 1\), got 1.0"),
+        (dict(dropout_p=-0.1), r"dropout_p in \[0, 1\), got -0.1"),
+        (dict(attn_mask=torch.ones(3, 5, dtype=torch.bool)), r"attn_mask to broadcast to \(2, 3, 4, 5\)"),
+        (dict(attn_mask=torch.ones(4, 5, dtype=torch.int32)), r"attn_mask to be bool or of query's dtype"),
+        (dict(attn_mask=torch.ones(4, 5, dtype=torch.float64)), r"attn_mask to be bool or of query's dtype"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 6)
+    with pytest.raises(ValueError, match=match):
+        seqkernels.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((2, 3, 4, 8), (2, 3, 5, 7), (2, 3, 5, 6)), r"key's last dim to equal query's \(E = 8\), got 7"),
+        (((2, 3, 4, 8), (2, 3, 5, 8), (2, 3, 6, 6)), r"value to have key's sequence length \(S = 5\), got 6"),
+        (((2, 3, 4, 8), (2, 2, 5, 8), (2, 2, 5, 6)), r"heads \(3, 2, 2\) do not broadcast"),
+        (((2, 3, 4, 8), (3, 3, 5, 8), (3, 3, 5, 6)), r"batch dims of query \(2,\), key \(3,\)"),
+    ],
+)
+def test_bad_shapes(shapes, match):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        seqkernels.scaled_dot_product_attention(q, k, v)
+
+
+def test_bad_gqa_and_dtypes():
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"enable_gqa, expected key and value heads to be equal and to divide"):
+        seqkernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"expected key to have the dtype of query"):
+        seqkernels.scaled_dot_product_attention(q, k.double(), v)
