@@ -6,7 +6,6 @@ import torch
 
 import seqkernels
 
-from conftest import assert_error_rule
 
 common_modules = pytest.importorskip("torch.testing._internal.common_modules", reason="needs expecttest")
 
@@ -65,7 +64,9 @@ def test_module_db_inputs(cls, module_input, dtype, training):
             if a is not None:
                 torch.testing.assert_close(a, b, **tol)
         return
-    # float32: FlashAttention's error rule against the float64 evaluation of the same module and inputs
+    # float32: against the float64 evaluation of the same module and inputs, within float32 rounding. (These
+    # modules have 2-3 hidden units: a max-error ratio over so few elements, the FlashAttention rule used by the
+    # larger tests, flips on run-to-run rounding noise of the BLAS.)
     exact = cls(*args, **kwargs).double()
     exact.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
     exact.train(training)
@@ -77,4 +78,4 @@ def test_module_db_inputs(cls, module_input, dtype, training):
     for k, (a, b, c) in enumerate(zip(list(out_o) + list(g_o), list(out_r) + list(g_r), list(out_x) + list(g_x))):
         assert (a is None) == (b is None)
         if a is not None:
-            assert_error_rule(f"output/grad {k}", a, b, c)
+            torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5, msg=lambda m: f"output/grad {k}: {m}")
