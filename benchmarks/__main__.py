@@ -20,7 +20,7 @@ import torch
 import seqkernels
 from seqkernels.__main__ import report
 
-from .cases import recurrent_cases
+from .cases import attention_cases, recurrent_cases
 from .plot import ratio_chart
 from .runner import gemm_rate, time_pair
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [c for c in recurrent_cases() if args.filter in c.name]
+    cases = [c for c in recurrent_cases() + attention_cases() if args.filter in c.name]
     if args.list:
         for c in cases:
             print(f"{c.name:45s} {c.description}")

@@ -116,3 +116,45 @@ def recurrent_cases() -> List[Case]:
             cell_loop_case(kind, 1, 128, 128, 256, t(3.0)),
         ]
     return cases
+
+
+def attention_case(name: str, description: str, B: int, H: int, L: int, S: int, D: int, *, causal=False,
+                   mask=False, train=False, dropout=0.0, target: Optional[float] = None) -> Case:
+    import torch.nn.functional as F
+
+    def build():
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, n, D, generator=gen).requires_grad_(train) for n in (L, S, S))
+        attn_mask = torch.randn(B, 1, L, S, generator=gen) if mask else None
+
+        def run(fn):
+            if train:
+                out = fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal)
+                out.backward(torch.ones_like(out))
+            else:
+                with torch.no_grad():
+                    fn(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal)
+
+        flops = 4.0 * B * H * L * S * D * (0.5 if causal else 1.0) * (3.5 if train else 1.0)
+        return (lambda: run(F.scaled_dot_product_attention)), (lambda: run(seqkernels.scaled_dot_product_attention)), flops
+
+    return Case(name, "attention", description, build, target)
+
+
+def attention_cases() -> List[Case]:
+    """The grid of the attention issue (FLOPs 4*B*H*L*S*D, halved for causal, x3.5 with the backward)."""
+    return [
+        attention_case("sdpa-fwd-B4-H8-1024-D64", "forward, B=4, H=8, L=S=1024, D=64", 4, 8, 1024, 1024, 64, target=1.0),
+        attention_case("sdpa-fwd-causal-B4-H8-1024-D64", "forward, causal, same", 4, 8, 1024, 1024, 64, causal=True,
+                       target=1.3),
+        attention_case("sdpa-train-B4-H8-1024-D64", "forward + backward, same", 4, 8, 1024, 1024, 64, train=True,
+                       target=1.1),
+        attention_case("sdpa-train-causal-B4-H8-1024-D64", "forward + backward, causal, same", 4, 8, 1024, 1024, 64,
+                       causal=True, train=True, target=1.5),
+        attention_case("sdpa-fwd-mask-B4-H8-1024-D64", "forward, float mask (B, 1, L, S)", 4, 8, 1024, 1024, 64,
+                       mask=True, target=1.0),
+        attention_case("sdpa-train-dropout-B2-H8-1024-D64", "forward + backward, dropout 0.1, B=2, H=8, L=S=1024",
+                       2, 8, 1024, 1024, 64, train=True, dropout=0.1, target=3.0),
+        attention_case("sdpa-fwd-causal-B16-H12-256-D64", "forward, causal, B=16, H=12, L=S=256, D=64", 16, 12, 256,
+                       256, 64, causal=True, target=1.5),
+    ]

@@ -13,6 +13,8 @@
 // dV (each task owns one key tile of one key/value head, looping over the query heads of its group), one pass over
 // query tiles accumulates dQ (and the float mask's gradient, which is dS). Probabilities are recomputed from the
 // log-sum-exp. Each output element has one owner and a fixed summation order: deterministic.
+// Operands are packed once per call into padded, matmul-ready layouts (K^T, V, scaled Q, ...), rather than per
+// pair of tiles, where the copies cost a third of the time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,7 +36,12 @@ using at::Tensor;
 using gemm::round_up;
 
 constexpr int64_t kQueryTile = 64;
-constexpr int64_t kKeyTile = 64;
+
+// Keys per tile: two full register tiles of columns (96 float32 with AVX-512).
+template <typename T>
+constexpr int64_t key_tile() {
+  return 2 * gemm::kColBlock * gemm::lanes<T>();
+}
 
 struct Shape {
   int64_t Z, Hq, Hkv, L, S, E, Ev, group;
@@ -85,14 +92,6 @@ void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
   }
 }
 
-// dst (cols x ldd) = src^T for src (rows x cols), columns past rows zeroed: K^T / V^T tiles.
-template <typename T>
-void pack_transposed_tile(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = T(0);
-  transpose(src, cols, rows, cols, dst, ldd);
-}
-
 // P = exp(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
 template <typename T>
 void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) {
@@ -102,60 +101,77 @@ void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) 
       std::fill(row, row + ldS, T(0));
       continue;
     }
-    for (int64_t c = 0; c < cols; ++c) row[c] -= lse[r];
-    vec_math::exp(row, row, cols);
+    vec_math::exp_shifted_sum(row, cols, lse[r]);
     std::fill(row + cols, row + ldS, T(0));
   }
 }
 
+// Per-head packed copies of a (Z * heads, n, dim) tensor, in parallel over heads:
+// transposed (heads, dim, n_pad), or padded rows (heads, n, dim_pad) scaled by alpha. Padding is zero.
+template <typename T>
+Tensor pack_heads_transposed(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t n_pad, const Tensor& like) {
+  Tensor out = at::zeros({heads, dim, n_pad}, like.options());
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) transpose(src + h * n * dim, dim, n, dim, o + h * dim * n_pad, n_pad);
+  });
+  return out;
+}
+
+template <typename T>
+Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t dim_pad, T alpha,
+                       const Tensor& like) {
+  Tensor out = at::empty({heads, n, dim_pad}, like.options());
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, heads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) copy_rows(src + h * n * dim, dim, n, dim, alpha, o + h * n * dim_pad, dim_pad);
+  });
+  return out;
+}
+
 template <typename T>
 void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal, T scale,
-                       T* out, T* lse) {
-  constexpr int64_t L_ = gemm::lanes<T>();
+                       T* out, T* lse, const Tensor& like) {
+  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile;
-  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Bcp = round_up(kKeyTile, L_);
+  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
+  const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);        // (heads, E, Sp)
+  const Tensor Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, T(1), like);      // (heads, S, Evp)
+  const T* Kt_base = Kt_all.data_ptr<T>();
+  const T* Vp_base = Vp_all.data_ptr<T>();
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qs(kQueryTile * Ep), Kt(d.E * Bcp), Vp(kKeyTile * Evp), Sb(kQueryTile * Bcp),
-        O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile);
+    std::vector<T> Qs(kQueryTile * Ep), Sb(kQueryTile * Bc), O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
-      const T* qh = q + ((z * d.Hq + h) * d.L + l0) * d.E;
-      const T* kh = k + (z * d.Hkv + hk) * d.S * d.E;
-      const T* vh = v + (z * d.Hkv + hk) * d.S * d.Ev;
-      copy_rows(qh, d.E, rows, d.E, scale, Qs.data(), Ep);
+      const T* Kt = Kt_base + (z * d.Hkv + hk) * d.E * Sp;
+      const T* Vp = Vp_base + (z * d.Hkv + hk) * d.S * Evp;
+      copy_rows(q + ((z * d.Hq + h) * d.L + l0) * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;  // causal: later keys are never seen
-      for (int64_t s0 = 0; s0 < s_end; s0 += kKeyTile) {
-        const int64_t cols = std::min(kKeyTile, s_end - s0);
-        pack_transposed_tile(kh + s0 * d.E, cols, d.E, Kt.data(), Bcp);
-        gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
-        apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
+      for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
+        const int64_t cols = std::min(Bc, s_end - s0);
+        gemm::matmul<T>(rows, Bc, d.E, Qs.data(), Ep, Kt + s0, Sp, Sb.data(), Bc);
+        apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
         for (int64_t r = 0; r < rows; ++r) {  // online softmax
-          T* row = Sb.data() + r * Bcp;
-          T mx = neg_inf;
-          for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
-          const T m_new = std::max(m[r], mx);
+          T* row = Sb.data() + r * Bc;
+          const T m_new = std::max(m[r], vec_math::max(row, cols));
           if (m_new == neg_inf) {  // no key visible to this row yet
-            std::fill(row, row + Bcp, T(0));
+            std::fill(row, row + Bc, T(0));
             continue;
           }
           const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
-          for (int64_t c = 0; c < cols; ++c) row[c] -= m_new;
-          vec_math::exp(row, row, cols);
-          std::fill(row + cols, row + Bcp, T(0));
-          T sum = T(0);
-          for (int64_t c = 0; c < cols; ++c) sum += row[c];
+          const T sum = vec_math::exp_shifted_sum(row, cols, m_new);
+          std::fill(row + cols, row + Bc, T(0));
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != T(1))
             for (int64_t e = 0; e < Evp; ++e) O[r * Evp + e] *= alpha;
         }
-        copy_rows(vh + s0 * d.Ev, d.Ev, cols, d.Ev, T(1), Vp.data(), Evp);
-        gemm::matmul<T>(rows, Evp, cols, Sb.data(), Bcp, Vp.data(), Evp, O.data(), Evp, /*accumulate=*/true);
+        gemm::matmul<T>(rows, Evp, cols, Sb.data(), Bc, Vp + s0 * Evp, Evp, O.data(), Evp, /*accumulate=*/true);
       }
       T* oh = out + ((z * d.Hq + h) * d.L + l0) * d.Ev;
       T* lh = lse + (z * d.Hq + h) * d.L + l0;
@@ -170,23 +186,28 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
 
 template <typename T>
 void attention_backward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal,
-                        T scale, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv, T* dmask) {
-  constexpr int64_t L_ = gemm::lanes<T>();
-  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + kKeyTile - 1) / kKeyTile;
-  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Bcp = round_up(kKeyTile, L_);
+                        T scale, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv, T* dmask,
+                        const Tensor& like) {
+  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
+  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + Bc - 1) / Bc;
+  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
   const int64_t Brp = round_up(kQueryTile, L_);
+  const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);    // (heads, E, Sp)
+  const Tensor Vt_all = pack_heads_transposed(v, d.Z * d.Hkv, d.S, d.Ev, Sp, like);   // (heads, Ev, Sp)
+  const Tensor Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);    // (heads, S, Ep)
+  const Tensor Qs_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, scale, like);    // (heads, L, Ep), scaled
+  const Tensor dO_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);  // (heads, L, Evp)
+  const T *Kt_base = Kt_all.data_ptr<T>(), *Vt_base = Vt_all.data_ptr<T>(), *Kp_base = Kp_all.data_ptr<T>();
+  const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
 
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Kt(d.E * Bcp), Vt(d.Ev * Bcp), Qs(kQueryTile * Ep), dOp(kQueryTile * Evp), Sb(kQueryTile * Bcp),
-        dP(kQueryTile * Bcp), Tt(kKeyTile * Brp), dK(kKeyTile * Ep), dV(kKeyTile * Evp);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Tt(Bc * Brp), dK(Bc * Ep), dV(Bc * Evp);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kt = task % k_tiles, zh = task / k_tiles, z = zh / d.Hkv, hk = zh % d.Hkv;
-      const int64_t s0 = kt * kKeyTile, cols = std::min(kKeyTile, d.S - s0);
-      const T* kh = k + ((z * d.Hkv + hk) * d.S + s0) * d.E;
-      const T* vh = v + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
-      pack_transposed_tile(kh, cols, d.E, Kt.data(), Bcp);
-      pack_transposed_tile(vh, cols, d.Ev, Vt.data(), Bcp);
+      const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
+      const int64_t s0 = kt * Bc, cols = std::min(Bc, d.S - s0);
+      const T* Kt = Kt_base + zhk * d.E * Sp + s0;
+      const T* Vt = Vt_base + zhk * d.Ev * Sp + s0;
       std::fill(dK.begin(), dK.end(), T(0));
       std::fill(dV.begin(), dV.end(), T(0));
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
@@ -194,28 +215,28 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           const int64_t l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
           if (causal && l0 + rows - 1 < s0) continue;  // every query of the tile precedes every key of ours
           const int64_t row0 = (z * d.Hq + h) * d.L + l0;
-          copy_rows(q + row0 * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
-          copy_rows(dout + row0 * d.Ev, d.Ev, rows, d.Ev, T(1), dOp.data(), Evp);
-          gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
-          apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
-          probabilities(Sb.data(), Bcp, rows, cols, lse + row0);
+          const T* Qs = Qs_base + row0 * Ep;
+          const T* dOp = dO_base + row0 * Evp;
+          gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt, Sp, Sb.data(), Bc);
+          apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
+          probabilities(Sb.data(), Bc, rows, cols, lse + row0);
           // dV += P^T dO
           std::fill(Tt.begin(), Tt.end(), T(0));
-          transpose(Sb.data(), Bcp, rows, cols, Tt.data(), Brp);
-          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp.data(), Evp, dV.data(), Evp, true);
+          transpose(Sb.data(), Bc, rows, cols, Tt.data(), Brp);
+          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data(), Evp, true);
           // dS = P * (dO V^T - D)
-          gemm::matmul<T>(rows, Bcp, d.Ev, dOp.data(), Evp, Vt.data(), Bcp, dP.data(), Bcp);
+          gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt, Sp, dP.data(), Bc);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < cols; ++c)
-              dP[r * Bcp + c] = Sb[r * Bcp + c] * (dP[r * Bcp + c] - Drow[row0 + r]);
+              dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
           // dK += dS^T (scale * Q)
           std::fill(Tt.begin(), Tt.end(), T(0));
-          transpose(dP.data(), Bcp, rows, cols, Tt.data(), Brp);
-          gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs.data(), Ep, dK.data(), Ep, true);
+          transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);
+          gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs, Ep, dK.data(), Ep, true);
         }
       }
-      T* dkh = dk + ((z * d.Hkv + hk) * d.S + s0) * d.E;
-      T* dvh = dv + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
+      T* dkh = dk + (zhk * d.S + s0) * d.E;
+      T* dvh = dv + (zhk * d.S + s0) * d.Ev;
       for (int64_t c = 0; c < cols; ++c) {
         std::copy(dK.data() + c * Ep, dK.data() + c * Ep + d.E, dkh + c * d.E);
         std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dvh + c * d.Ev);
@@ -225,33 +246,27 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Kt(d.E * Bcp), Kp(kKeyTile * Ep), Vt(d.Ev * Bcp), Qs(kQueryTile * Ep), dOp(kQueryTile * Evp),
-        Sb(kQueryTile * Bcp), dP(kQueryTile * Bcp), dQ(kQueryTile * Ep);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), dQ(kQueryTile * Ep);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
-      const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+      const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
       const int64_t row0 = (z * d.Hq + h) * d.L + l0;
-      copy_rows(q + row0 * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
-      copy_rows(dout + row0 * d.Ev, d.Ev, rows, d.Ev, T(1), dOp.data(), Evp);
+      const T* Qs = Qs_base + row0 * Ep;
+      const T* dOp = dO_base + row0 * Evp;
       std::fill(dQ.begin(), dQ.end(), T(0));
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
-      for (int64_t s0 = 0; s0 < s_end; s0 += kKeyTile) {
-        const int64_t cols = std::min(kKeyTile, s_end - s0);
-        const T* kh = k + ((z * d.Hkv + hk) * d.S + s0) * d.E;
-        const T* vh = v + ((z * d.Hkv + hk) * d.S + s0) * d.Ev;
-        pack_transposed_tile(kh, cols, d.E, Kt.data(), Bcp);
-        copy_rows(kh, d.E, cols, d.E, T(1), Kp.data(), Ep);
-        pack_transposed_tile(vh, cols, d.Ev, Vt.data(), Bcp);
-        gemm::matmul<T>(rows, Bcp, d.E, Qs.data(), Ep, Kt.data(), Bcp, Sb.data(), Bcp);
-        apply_masks(Sb.data(), Bcp, rows, cols, z, h, l0, s0, causal, mask);
-        probabilities(Sb.data(), Bcp, rows, cols, lse + row0);
-        gemm::matmul<T>(rows, Bcp, d.Ev, dOp.data(), Evp, Vt.data(), Bcp, dP.data(), Bcp);
+      for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
+        const int64_t cols = std::min(Bc, s_end - s0);
+        gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt_base + zhk * d.E * Sp + s0, Sp, Sb.data(), Bc);
+        apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
+        probabilities(Sb.data(), Bc, rows, cols, lse + row0);
+        gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP.data(), Bc);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < cols; ++c)
-            dP[r * Bcp + c] = Sb[r * Bcp + c] * (dP[r * Bcp + c] - Drow[row0 + r]);
-          if (dmask) std::copy(dP.data() + r * Bcp, dP.data() + r * Bcp + cols, dmask + (row0 + r) * d.S + s0);
+            dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
+          if (dmask) std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
         }
-        gemm::matmul<T>(rows, Ep, cols, dP.data(), Bcp, Kp.data(), Ep, dQ.data(), Ep, true);
+        gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
       T* dqh = dq + row0 * d.E;
       for (int64_t r = 0; r < rows; ++r)
@@ -312,7 +327,7 @@ std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& query, const Tensor& key, cons
     const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
     attention_forward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
                                 is_causal, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
-                                lse.data_ptr<scalar_t>());
+                                lse.data_ptr<scalar_t>(), q);
   });
   return {out.to(dt), lse};
 }
@@ -350,7 +365,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, cons
                                  is_causal, static_cast<scalar_t>(scale), go.data_ptr<scalar_t>(),
                                  lse_c.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                                  dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                                 mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
+                                 mask_grad ? dmask.data_ptr<scalar_t>() : nullptr, q);
   });
   return {dq.to(dt), dk.to(dt), dv.to(dt), dmask};
 }

@@ -106,7 +106,9 @@ inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, con
                   int64_t ldc, bool acc) {
   constexpr int64_t L = lanes<T>();
   int64_t n0 = 0;
-  for (; n0 + NR * L <= Nc; n0 += NR * L) column_block<T, NR>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  // Full blocks, but not when exactly 4 vectors are left: 2 + 2 beats 3 + 1.
+  for (; n0 + NR * L <= Nc && !(NR == 3 && Nc - n0 == 4 * L); n0 += NR * L)
+    column_block<T, NR>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
   for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
   for (; n0 < Nc; n0 += L) column_block<T, 1>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
 }

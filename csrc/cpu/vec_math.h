@@ -85,6 +85,57 @@ inline void exp(const float* in, float* out, int64_t n) { map_float(in, out, n, 
 inline void sigmoid(const float* in, float* out, int64_t n) { map_float(in, out, n, sigmoid16); }
 inline void tanh(const float* in, float* out, int64_t n) { map_float(in, out, n, tanh16); }
 
+// max(x[0..n)) (-inf for n = 0), 16 lanes at a time.
+inline float max(const float* x, int64_t n) {
+  const float neg_inf = -__builtin_inff();
+  vfloat16 m = vfloat16{} + neg_inf;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vfloat16 v;
+    std::memcpy(&v, x + i, sizeof v);
+    m = v > m ? v : m;
+  }
+  float r = neg_inf;
+  for (int k = 0; k < 16; ++k) r = m[k] > r ? m[k] : r;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+// x[i] = exp(x[i] - shift) in place; returns their sum (lane partials added in a fixed order).
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  vfloat16 acc{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vfloat16 v;
+    std::memcpy(&v, x + i, sizeof v);
+    v = exp16(v - shift);
+    std::memcpy(x + i, &v, sizeof v);
+    acc += v;
+  }
+  if (i < n) {
+    vfloat16 v = vfloat16{} - __builtin_inff();  // padding lanes give exp(-inf) = 0
+    std::memcpy(&v, x + i, (n - i) * sizeof(float));
+    v = exp16(v - shift);
+    std::memcpy(x + i, &v, (n - i) * sizeof(float));
+    acc += v;
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < 16; ++k) sum += acc[k];
+  return sum;
+}
+
+inline double max(const double* x, int64_t n) {
+  double r = -__builtin_inf();
+  for (int64_t i = 0; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+inline double exp_shifted_sum(double* x, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
+}
+
 inline void exp(const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
 }
