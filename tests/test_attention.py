@@ -204,3 +204,16 @@ def test_bad_gqa_and_dtypes():
         seqkernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     with pytest.raises(ValueError, match=r"expected key to have the dtype of query"):
         seqkernels.scaled_dot_product_attention(q, k.double(), v)
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_both_backward_schedules(threads):
+    """The backward runs one task per key/value head when there are at least 2 per thread, else two passes over
+    tiles; 4 heads with 1 thread take the first, with 8 threads the second."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compare((2, 2), (2, 2), 70, 100, 16, 24, False, torch.float64, mask_name="float-B1LS")
+        compare((1, 4), (1, 4), 70, 100, 16, 24, False, torch.float64, causal=True)
+    finally:
+        torch.set_num_threads(previous)

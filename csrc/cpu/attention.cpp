@@ -9,10 +9,12 @@
 // Forward: each task takes one (z, h, tile of kQueryTile queries) and walks the key tiles with an online
 // softmax, so the L x S score matrix never exists; with is_causal (top-left aligned, as torch) the key tiles past
 // the tile's last query are not visited. It saves the log-sum-exp of each row. Rows that see no key give 0.
-// Backward (FlashAttention-2's, without atomics): D = rowsum(dO * O); one pass over key tiles accumulates dK and
-// dV (each task owns one key tile of one key/value head, looping over the query heads of its group), one pass over
-// query tiles accumulates dQ (and the float mask's gradient, which is dS). Probabilities are recomputed from the
-// log-sum-exp. Each output element has one owner and a fixed summation order: deterministic.
+// Backward (FlashAttention-2's, without atomics): D = rowsum(dO * O), probabilities recomputed from the
+// log-sum-exp. With enough (batch, key/value head) pairs to keep every thread busy, one task owns a whole
+// key/value head and its group of query heads and accumulates dQ, dK and dV together (five matmuls per pair of
+// tiles). Otherwise two passes split the work finer: one over key tiles for dK and dV, one over query tiles for
+// dQ (seven matmuls per pair: S and dP are recomputed). Either way the float mask's gradient is dS, each output
+// element has one owner and a fixed summation order: deterministic.
 // Operands are packed once per call into padded, matmul-ready layouts (K^T, V, scaled Q, ...), rather than per
 // pair of tiles, where the copies cost a third of the time.
 #include <ATen/ATen.h>
@@ -199,6 +201,58 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   const Tensor dO_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);  // (heads, L, Evp)
   const T *Kt_base = Kt_all.data_ptr<T>(), *Vt_base = Vt_all.data_ptr<T>(), *Kp_base = Kp_all.data_ptr<T>();
   const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
+
+  if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
+    at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
+      std::vector<T> dK(Sp * Ep), dV(Sp * Evp);
+      for (int64_t zhk = begin; zhk < end; ++zhk) {
+        const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
+        const T* Kt = Kt_base + zhk * d.E * Sp;
+        const T* Vt = Vt_base + zhk * d.Ev * Sp;
+        const T* Kp = Kp_base + zhk * d.S * Ep;
+        std::fill(dK.begin(), dK.end(), T(0));
+        std::fill(dV.begin(), dV.end(), T(0));
+        for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
+          for (int64_t qt = 0; qt < q_tiles; ++qt) {
+            const int64_t l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+            const int64_t row0 = (z * d.Hq + h) * d.L + l0;
+            const T* Qs = Qs_base + row0 * Ep;
+            const T* dOp = dO_base + row0 * Evp;
+            std::fill(dQ.begin(), dQ.end(), T(0));
+            const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
+            for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
+              const int64_t cols = std::min(Bc, s_end - s0);
+              gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt + s0, Sp, Sb.data(), Bc);
+              apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
+              probabilities(Sb.data(), Bc, rows, cols, lse + row0);
+              std::fill(Tt.begin(), Tt.end(), T(0));
+              transpose(Sb.data(), Bc, rows, cols, Tt.data(), Brp);  // dV += P^T dO
+              gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data() + s0 * Evp, Evp, true);
+              gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt + s0, Sp, dP.data(), Bc);  // dS = P * (dO V^T - D)
+              for (int64_t r = 0; r < rows; ++r) {
+                for (int64_t c = 0; c < cols; ++c)
+                  dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
+                if (dmask) std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
+              }
+              gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
+              std::fill(Tt.begin(), Tt.end(), T(0));
+              transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);  // dK += dS^T (scale * Q)
+              gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs, Ep, dK.data() + s0 * Ep, Ep, true);
+            }
+            T* dqh = dq + row0 * d.E;
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t e = 0; e < d.E; ++e) dqh[r * d.E + e] = dQ[r * Ep + e] * scale;
+          }
+        }
+        for (int64_t c = 0; c < d.S; ++c) {
+          std::copy(dK.data() + c * Ep, dK.data() + c * Ep + d.E, dk + (zhk * d.S + c) * d.E);
+          std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dv + (zhk * d.S + c) * d.Ev);
+        }
+      }
+    });
+    return;
+  }
 
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
