@@ -45,11 +45,12 @@ TORCH_LIBRARY(seqkernels, m) {
         " -> (Tensor grad_input, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   // Scaled-dot-product attention (see csrc/cpu/attention.cpp for the layout): q (Z, Hq, L, E), k (Z, Hkv, S, E),
   // v (Z, Hkv, S, Ev), Hq a multiple of Hkv; attn_mask a bool or float (Z, Hq, L, S) view, broadcast through
-  // strides. The forward also returns the log-sum-exp of each row (float32 for bfloat16 inputs) for the backward.
-  m.def("sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale)"
-        " -> (Tensor out, Tensor lse)");
+  // strides. Dropout (p in [0, 1)) is drawn from a counter-based generator keyed by seed, so the backward
+  // regenerates it. The forward also returns the log-sum-exp of each row (float32 for bfloat16 inputs).
+  m.def("sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale,"
+        " float dropout_p, int seed) -> (Tensor out, Tensor lse)");
   // grad_mask is dense (Z, Hq, L, S) when mask_grad, else empty.
   m.def("sdpa_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out,"
-        " Tensor lse, bool is_causal, float scale, bool mask_grad)"
+        " Tensor lse, bool is_causal, float scale, float dropout_p, int seed, bool mask_grad)"
         " -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask)");
 }

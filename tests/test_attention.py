@@ -131,10 +131,13 @@ def test_opcheck():
     mask = torch.randn(1, 1, 9, 11).expand(2, 3, 9, 11)
     ops = torch.ops.seqkernels
     for m in (None, mask):
-        torch.library.opcheck(ops.sdpa_fwd.default, (q, k, v, m, False, 0.3))
-    out, lse = ops.sdpa_fwd(q, k, v, mask, False, 0.3)
-    torch.library.opcheck(ops.sdpa_bwd.default, (torch.randn_like(out), q, k, v, mask, out, lse, False, 0.3, True))
-    torch.library.opcheck(ops.sdpa_bwd.default, (torch.randn_like(out), q, k, v, None, out, lse, True, 0.3, False))
+        torch.library.opcheck(ops.sdpa_fwd.default, (q, k, v, m, False, 0.3, 0.0, 0))
+    torch.library.opcheck(ops.sdpa_fwd.default, (q, k, v, None, True, 0.3, 0.2, 7))
+    out, lse = ops.sdpa_fwd(q, k, v, mask, False, 0.3, 0.2, 7)
+    torch.library.opcheck(ops.sdpa_bwd.default,
+                          (torch.randn_like(out), q, k, v, mask, out, lse, False, 0.3, 0.2, 7, True))
+    torch.library.opcheck(ops.sdpa_bwd.default,
+                          (torch.randn_like(out), q, k, v, None, out, lse, True, 0.3, 0.0, 0, False))
 
 
 def test_compiles_without_graph_breaks():
@@ -155,15 +158,50 @@ def test_scale_and_results_are_deterministic():
     torch.testing.assert_close(a, F.scaled_dot_product_attention(q, k, v, scale=0.7), rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_runs_on_the_reference_and_is_seeded():
-    q, k, v = [t.detach() for t in make((1, 2), (1, 2), 16, 16, 8, 8, torch.float32)]
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, causal, mask_name", [
+    (SHAPES[0], False, None), (SHAPES[1], True, None), (SHAPES[5], False, "float-B1LS"), (SHAPES[4], False, "bool-LS"),
+])
+def test_dropout_matches_the_reference_with_the_same_seed(dtype, shape, causal, mask_name):
+    """Kernel and reference draw the same dropout for the same torch seed: outputs and gradients compared."""
+    qb, kb, L, S, E, Ev, gqa = shape
+    q, k, v = make(qb, kb, L, S, E, Ev, dtype)
+    mask = masks(qb, L, S, dtype)[mask_name] if mask_name else None
+    upstream = torch.randn(*qb, L, Ev, dtype=torch.float64)
+    results = []
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(11)
+        with seqkernels.use_backend(backend):
+            out = seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.25, is_causal=causal,
+                                                          enable_gqa=gqa)
+        results.append([out] + list(torch.autograd.grad(out, (q, k, v), upstream.to(dtype))))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_dropout_gradcheck():
+    q, k, v = make((1, 2), (1, 2), 6, 9, 3, 4, torch.float64)
+
+    def fn(q, k, v):
+        torch.manual_seed(3)  # the same dropout in every evaluation
+        return ours(q, k, v, dropout_p=0.4)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_dropout_is_seeded_unbiased_and_keeps_1_minus_p():
+    q, k, v = [t.detach() for t in make((2, 4), (2, 4), 64, 96, 16, 16, torch.float64)]
     torch.manual_seed(5)
-    a = seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    a = ours(q, k, v, dropout_p=0.3)
     torch.manual_seed(5)
-    b = seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-    assert torch.equal(a, b) and not torch.equal(a, seqkernels.scaled_dot_product_attention(q, k, v))
-    with seqkernels.use_backend("cpu"), pytest.raises(seqkernels.BackendError, match="no dropout yet"):
-        seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, ours(q, k, v, dropout_p=0.3))  # torch.manual_seed reproduces it
+    assert not torch.equal(a, ours(q, k, v, dropout_p=0.3))  # a new draw otherwise
+    keep = reference.dropout_keep(123, (2, 4, 64, 96), 0.3)
+    assert abs(keep.double().mean().item() - 0.7) < 0.01
+    plain = ours(q, k, v)
+    mean = sum(ours(q, k, v, dropout_p=0.3) for _ in range(200)) / 200
+    assert (mean - plain).abs().mean() < 0.1 * plain.abs().mean()  # unbiased: the mean approaches no dropout
 
 
 @pytest.mark.parametrize(

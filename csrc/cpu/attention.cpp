@@ -15,6 +15,9 @@
 // tiles). Otherwise two passes split the work finer: one over key tiles for dK and dV, one over query tiles for
 // dQ (seven matmuls per pair: S and dP are recomputed). Either way the float mask's gradient is dS, each output
 // element has one owner and a fixed summation order: deterministic.
+// Dropout: probability (z, h, l, s) is kept when the counter-based hash of (seed, its flat index in (Z, Hq, L, S))
+// gives u >= p (seqkernels.ops.attention.reference.dropout_keep computes the same), and kept ones are scaled by
+// 1 / (1 - p). Nothing is stored: the backward regenerates the same decisions from the seed.
 // Operands are packed once per call into padded, matmul-ready layouts (K^T, V, scaled Q, ...), rather than per
 // pair of tiles, where the copies cost a third of the time.
 #include <ATen/ATen.h>
@@ -48,6 +51,29 @@ constexpr int64_t key_tile() {
 struct Shape {
   int64_t Z, Hq, Hkv, L, S, E, Ev, group;
 };
+
+// Uniform in [0, 1) with 24 bits, from a SplitMix64 mix of seed and counter.
+inline double dropout_uniform(uint64_t seed, uint64_t counter) {
+  uint64_t z = counter + seed * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 40) * (1.0 / 16777216.0);
+}
+
+struct Dropout {
+  double p = 0.0;
+  uint64_t seed = 0;
+  bool active() const { return p > 0.0; }
+};
+
+// row[c] *= keep(counter0 + c) ? 1 / (1 - p) : 0, for c < cols.
+template <typename T>
+void apply_dropout(T* row, int64_t cols, uint64_t counter0, const Dropout& dr) {
+  const T scale = static_cast<T>(1.0 / (1.0 - dr.p));
+  for (int64_t c = 0; c < cols; ++c)
+    row[c] *= dropout_uniform(dr.seed, counter0 + c) >= dr.p ? scale : T(0);
+}
 
 // The optional mask, read through its (Z, Hq, L, S) strides.
 template <typename T>
@@ -94,6 +120,30 @@ void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
   }
 }
 
+// Backward of one pair of tiles after S and P: writes P (dropped, for dV) transposed into Tt, and turns dP = dO V^T
+// into dS = P * (dP * Z - D), where Z is the dropout factor (1 without dropout).
+template <typename T>
+void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
+                         int64_t s0, const T* Drow, const Dropout& dr, T* Tt, int64_t ldt, T* Pd) {
+  std::fill(Tt, Tt + cols * ldt, T(0));
+  if (!dr.active()) {
+    transpose(P, ld, rows, cols, Tt, ldt);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] - Drow[row0 + r]);
+    return;
+  }
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - dr.p));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t counter0 = static_cast<uint64_t>((row0 + r) * d.S + s0);
+    for (int64_t c = 0; c < cols; ++c) {
+      const T z = dropout_uniform(dr.seed, counter0 + c) >= dr.p ? keep_scale : T(0);
+      Pd[r * ld + c] = P[r * ld + c] * z;
+      dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z - Drow[row0 + r]);
+    }
+  }
+  transpose(Pd, ld, rows, cols, Tt, ldt);
+}
+
 // P = exp(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
 template <typename T>
 void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) {
@@ -133,7 +183,7 @@ Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int6
 
 template <typename T>
 void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal, T scale,
-                       T* out, T* lse, const Tensor& like) {
+                       const Dropout& dr, T* out, T* lse, const Tensor& like) {
   constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile;
@@ -166,8 +216,9 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
             continue;
           }
           const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
-          const T sum = vec_math::exp_shifted_sum(row, cols, m_new);
+          const T sum = vec_math::exp_shifted_sum(row, cols, m_new);  // the normalizer counts dropped ones too
           std::fill(row + cols, row + Bc, T(0));
+          if (dr.active()) apply_dropout(row, cols, static_cast<uint64_t>(((z * d.Hq + h) * d.L + l0 + r) * d.S + s0), dr);
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != T(1))
@@ -188,8 +239,8 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
 
 template <typename T>
 void attention_backward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal,
-                        T scale, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv, T* dmask,
-                        const Tensor& like) {
+                        T scale, const Dropout& dr, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv,
+                        T* dmask, const Tensor& like) {
   constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
   const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + Bc - 1) / Bc;
   const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
@@ -204,7 +255,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
     at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
+      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
       std::vector<T> dK(Sp * Ep), dV(Sp * Evp);
       for (int64_t zhk = begin; zhk < end; ++zhk) {
         const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
@@ -226,15 +277,12 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
               gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt + s0, Sp, Sb.data(), Bc);
               apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
               probabilities(Sb.data(), Bc, rows, cols, lse + row0);
-              std::fill(Tt.begin(), Tt.end(), T(0));
-              transpose(Sb.data(), Bc, rows, cols, Tt.data(), Brp);  // dV += P^T dO
-              gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data() + s0 * Evp, Evp, true);
-              gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt + s0, Sp, dP.data(), Bc);  // dS = P * (dO V^T - D)
-              for (int64_t r = 0; r < rows; ++r) {
-                for (int64_t c = 0; c < cols; ++c)
-                  dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
-                if (dmask) std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
-              }
+              gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt + s0, Sp, dP.data(), Bc);  // dO V^T
+              probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
+              gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data() + s0 * Evp, Evp, true);  // += P^T dO
+              if (dmask)
+                for (int64_t r = 0; r < rows; ++r)
+                  std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
               gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
               std::fill(Tt.begin(), Tt.end(), T(0));
               transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);  // dK += dS^T (scale * Q)
@@ -256,7 +304,8 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Tt(Bc * Brp), dK(Bc * Ep), dV(Bc * Evp);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dK(Bc * Ep),
+        dV(Bc * Evp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
       const int64_t s0 = kt * Bc, cols = std::min(Bc, d.S - s0);
@@ -274,15 +323,9 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt, Sp, Sb.data(), Bc);
           apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
           probabilities(Sb.data(), Bc, rows, cols, lse + row0);
-          // dV += P^T dO
-          std::fill(Tt.begin(), Tt.end(), T(0));
-          transpose(Sb.data(), Bc, rows, cols, Tt.data(), Brp);
-          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data(), Evp, true);
-          // dS = P * (dO V^T - D)
-          gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt, Sp, dP.data(), Bc);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; ++c)
-              dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
+          gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt, Sp, dP.data(), Bc);  // dO V^T
+          probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
+          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data(), Evp, true);  // dV += P^T dO
           // dK += dS^T (scale * Q)
           std::fill(Tt.begin(), Tt.end(), T(0));
           transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);
@@ -300,7 +343,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), dQ(kQueryTile * Ep);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
@@ -315,11 +358,10 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
         apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
         probabilities(Sb.data(), Bc, rows, cols, lse + row0);
         gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP.data(), Bc);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t c = 0; c < cols; ++c)
-            dP[r * Bc + c] = Sb[r * Bc + c] * (dP[r * Bc + c] - Drow[row0 + r]);
-          if (dmask) std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
-        }
+        probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
+        if (dmask)
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
         gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
       T* dqh = dq + row0 * d.E;
@@ -370,17 +412,24 @@ Mask<T> mask_view(const char* op, const std::optional<Tensor>& mask, const Shape
   return m;
 }
 
+Dropout make_dropout(const char* op, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": expected dropout_p in [0, 1), got ", p);
+  return Dropout{p, static_cast<uint64_t>(seed)};
+}
+
 std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& query, const Tensor& key, const Tensor& value,
-                                    const std::optional<Tensor>& attn_mask, bool is_causal, double scale) {
+                                    const std::optional<Tensor>& attn_mask, bool is_causal, double scale,
+                                    double dropout_p, int64_t seed) {
   constexpr const char* op = "seqkernels::sdpa_fwd";
   const Shape d = check_qkv(op, query, key, value);
+  const Dropout dr = make_dropout(op, dropout_p, seed);
   const auto dt = query.scalar_type(), ct = compute_type(dt);
   const Tensor q = to_compute(query), k = to_compute(key), v = to_compute(value);
   Tensor out = at::empty({d.Z, d.Hq, d.L, d.Ev}, q.options()), lse = at::empty({d.Z, d.Hq, d.L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_fwd", [&] {
     const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
     attention_forward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
-                                is_causal, static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                                is_causal, static_cast<scalar_t>(scale), dr, out.data_ptr<scalar_t>(),
                                 lse.data_ptr<scalar_t>(), q);
   });
   return {out.to(dt), lse};
@@ -390,9 +439,10 @@ std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& query, const Tensor& key, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                     const Tensor& value, const std::optional<Tensor>& attn_mask,
                                                     const Tensor& out, const Tensor& lse, bool is_causal,
-                                                    double scale, bool mask_grad) {
+                                                    double scale, double dropout_p, int64_t seed, bool mask_grad) {
   constexpr const char* op = "seqkernels::sdpa_bwd";
   const Shape d = check_qkv(op, query, key, value);
+  const Dropout dr = make_dropout(op, dropout_p, seed);
   const auto dt = query.scalar_type(), ct = compute_type(dt);
   check_arg(op, "grad_out", grad_out, {d.Z, d.Hq, d.L, d.Ev}, "(batch, heads, L, Ev)", "query", query);
   check_arg(op, "out", out, {d.Z, d.Hq, d.L, d.Ev}, "(batch, heads, L, Ev)", "query", query);
@@ -416,7 +466,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, cons
     });
     const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
     attention_backward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
-                                 is_causal, static_cast<scalar_t>(scale), go.data_ptr<scalar_t>(),
+                                 is_causal, static_cast<scalar_t>(scale), dr, go.data_ptr<scalar_t>(),
                                  lse_c.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                                  dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                                  mask_grad ? dmask.data_ptr<scalar_t>() : nullptr, q);

@@ -15,8 +15,6 @@ def supports(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     why = []
     if query.dtype not in DTYPES:
         why.append(f"the cpu kernels take float32, float64 and bfloat16, got {query.dtype}")
-    if dropout_p > 0.0:
-        why.append("the cpu attention kernel has no dropout yet")
     if any(t.layout != torch.strided for t in (query, key, value)):
         why.append("the cpu kernels take dense tensors")
     return why
@@ -28,12 +26,12 @@ def _compute_dtype(dtype):
 
 def _register_fakes() -> None:
     @torch.library.register_fake("seqkernels::sdpa_fwd")
-    def _sdpa_fwd(query, key, value, attn_mask, is_causal, scale):
+    def _sdpa_fwd(query, key, value, attn_mask, is_causal, scale, dropout_p, seed):
         Z, H, L, _ = query.shape
         return query.new_empty(Z, H, L, value.shape[-1]), query.new_empty(Z, H, L, dtype=_compute_dtype(query.dtype))
 
     @torch.library.register_fake("seqkernels::sdpa_bwd")
-    def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, mask_grad):
+    def _sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, dropout_p, seed, mask_grad):
         Z, H, L, _ = query.shape
         dmask = query.new_empty(Z, H, L, key.shape[2], dtype=_compute_dtype(query.dtype)) if mask_grad else query.new_empty(0, dtype=_compute_dtype(query.dtype))
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dmask
@@ -42,9 +40,11 @@ def _register_fakes() -> None:
 _ext.on_load(_register_fakes)
 
 
-def sdpa_fwd(query, key, value, attn_mask, is_causal, scale):
-    return torch.ops.seqkernels.sdpa_fwd(query, key, value, attn_mask, is_causal, scale)
+def sdpa_fwd(query, key, value, attn_mask, is_causal, scale, dropout_p, seed):
+    return torch.ops.seqkernels.sdpa_fwd(query, key, value, attn_mask, is_causal, scale, dropout_p, seed)
 
 
-def sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, mask_grad):
-    return torch.ops.seqkernels.sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, mask_grad)
+def sdpa_bwd(grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, dropout_p, seed, mask_grad):
+    return torch.ops.seqkernels.sdpa_bwd(
+        grad_out, query, key, value, attn_mask, out, lse, is_causal, scale, dropout_p, seed, mask_grad
+    )

@@ -17,9 +17,9 @@ class SDPAFunction(torch.autograd.Function):
     """Canonical (Z, H, L, E) tensors in; saves only the output and the log-sum-exp besides the inputs."""
 
     @staticmethod
-    def forward(ctx, kernels: ModuleType, q, k, v, mask, is_causal: bool, scale: float):
-        out, lse = kernels.sdpa_fwd(q, k, v, mask, is_causal, scale)
-        ctx.kernels, ctx.is_causal, ctx.scale = kernels, is_causal, scale
+    def forward(ctx, kernels: ModuleType, q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+        out, lse = kernels.sdpa_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed)
+        ctx.kernels, ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed = kernels, is_causal, scale, dropout_p, seed
         ctx.mask_grad = mask is not None and mask.requires_grad
         ctx.save_for_backward(q, k, v, mask, out, lse)
         return out
@@ -28,9 +28,9 @@ class SDPAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, mask, out, lse = ctx.saved_tensors
         dq, dk, dv, dmask = ctx.kernels.sdpa_bwd(
-            grad_out, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale, ctx.mask_grad
+            grad_out, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale, ctx.dropout_p, ctx.seed, ctx.mask_grad
         )
-        return None, dq, dk, dv, (dmask.to(mask.dtype) if ctx.mask_grad else None), None, None
+        return None, dq, dk, dv, (dmask.to(mask.dtype) if ctx.mask_grad else None), None, None, None, None
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -132,11 +132,12 @@ def _sdpa_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, e
 def _sdpa_cpu(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     q4, k4, v4, mask4, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    seed = reference.draw_dropout_seed() if dropout_p > 0.0 else 0
     tensors = (q4, k4, v4, mask4)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out = SDPAFunction.apply(cpu, q4, k4, v4, mask4, is_causal, scale)
+        out = SDPAFunction.apply(cpu, q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
     else:
-        out, _ = cpu.sdpa_fwd(q4, k4, v4, mask4, is_causal, scale)
+        out, _ = cpu.sdpa_fwd(q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
     return out.reshape(out_shape)
 
 
@@ -155,9 +156,10 @@ def scaled_dot_product_attention(
     query (..., L, E), key (..., S, E), value (..., S, Ev); leading dims broadcast; with ``enable_gqa`` the
     heads dim (-3) of key/value may divide query's. ``attn_mask``: bool (True takes part) or float (added),
     broadcastable to (..., L, S). ``is_causal``: top-left aligned, as torch. ``scale`` defaults to 1/sqrt(E).
-    Rows that see no key give 0 and no gradient, never NaN. On CPU tensors the fused C++ kernel runs forward and
-    backward (it reads masks through their broadcast strides and never forms the L x S matrix); dropout runs
-    on the reference for now.
+    Rows that see no key give 0 and no gradient, never NaN. Dropout uses seqkernels' counter-based generator
+    (see ``reference.dropout_keep``), seeded from torch's, so ``torch.manual_seed`` reproduces it and the backward
+    regenerates it without storing a mask. On CPU tensors the fused C++ kernel runs forward and backward: it reads
+    masks through their broadcast strides and never forms the L x S matrix.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
