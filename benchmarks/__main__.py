@@ -3,6 +3,9 @@
 Prints a table (torch and seqkernels medians, their ratio against the target, GFLOP/s and the fraction of this
 machine's measured GEMM rate), and writes the results as JSON and an SVG chart (default: benchmarks/results/).
 
+The attention memory case (peak resident memory of forward + backward with dropout, each side in a fresh
+process) runs with the full suite or --filter memory.
+
 Options: --filter SUBSTRING (run matching cases only), --min-time SECONDS (per side and case; default 1.0),
 --threads N (torch.set_num_threads), --out DIR, --list.
 """
@@ -24,6 +27,8 @@ from .cases import attention_cases, recurrent_cases
 from .plot import ratio_chart
 from .runner import gemm_rate, time_pair
 
+MEMORY_CASE = "sdpa-memory-train-dropout-B1-H4-4096-D64"
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -37,11 +42,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in recurrent_cases() + attention_cases() if args.filter in c.name]
+    run_memory = args.filter in MEMORY_CASE
     if args.list:
         for c in cases:
             print(f"{c.name:45s} {c.description}")
+        if run_memory:
+            print(f"{MEMORY_CASE:45s} peak memory, forward + backward with dropout 0.1, B=1, H=4, L=S=4096, D=64")
         return 0
-    if not cases:
+    if not cases and not run_memory:
         print(f"no case matches --filter {args.filter!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -69,6 +77,23 @@ def main(argv=None) -> int:
             "seqkernels_gflops": gflops, "torch_gflops": flops / t["a_median_s"] / 1e9, "fraction_of_gemm": gflops / roof,
         })
 
+    if run_memory:
+        from .memory import measure_in_subprocess
+
+        peaks = {side: measure_in_subprocess(side) for side in ("torch", "seqkernels")}
+        if None not in peaks.values():
+            ratio = peaks["seqkernels"] / peaks["torch"]
+            met = ratio <= 0.25
+            print(f"{MEMORY_CASE:45s} peak MiB: torch {peaks['torch'] / 2**20:.0f}, "
+                  f"seqkernels {peaks['seqkernels'] / 2**20:.0f}, ratio {ratio:.3f} (target <= 0.25)"
+                  f"{'  ok' if met else '  MISSED'}")
+            results.append({
+                "case": MEMORY_CASE, "group": "attention",
+                "description": "peak memory, forward + backward with dropout 0.1, B=1, H=4, L=S=4096, D=64",
+                "torch_peak_bytes": peaks["torch"], "seqkernels_peak_bytes": peaks["seqkernels"],
+                "memory_ratio": ratio, "target": 0.25, "met": met, "ratio": 1.0 / ratio,
+            })
+
     targets = [r for r in results if r["met"] is not None]
     print(f"\ntargets met: {sum(r['met'] for r in targets)} of {len(targets)}")
     os.makedirs(args.out, exist_ok=True)
@@ -82,7 +107,8 @@ def main(argv=None) -> int:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     svg_path = os.path.join(args.out, "ratios.svg")
     with open(svg_path, "w") as f:
-        f.write(ratio_chart(results, f"seqkernels vs torch on {os.cpu_count()} CPU threads (higher is better)"))
+        timed = [r for r in results if "memory_ratio" not in r]
+        f.write(ratio_chart(timed, f"seqkernels vs torch on {os.cpu_count()} CPU threads (higher is better)"))
     print(f"wrote {json_path} and {svg_path}")
     return 0
 
