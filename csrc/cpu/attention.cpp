@@ -253,14 +253,27 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   const T *Kt_base = Kt_all.data_ptr<T>(), *Vt_base = Vt_all.data_ptr<T>(), *Kp_base = Kp_all.data_ptr<T>();
   const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
 
+  // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): S, masks,
+  // P = exp(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient), and the (dropped)
+  // P^T into Tt for dV. Sb, dP, Pd: kQueryTile x Bc; Tt: Bc x Brp.
+  auto tile_gradients = [&](int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0, int64_t cols, T* Sb, T* dP,
+                            T* Pd, T* Tt) {
+    const int64_t zhk = z * d.Hkv + h / d.group, row0 = (z * d.Hq + h) * d.L + l0;
+    gemm::matmul<T>(rows, Bc, d.E, Qs_base + row0 * Ep, Ep, Kt_base + zhk * d.E * Sp + s0, Sp, Sb, Bc);
+    apply_masks(Sb, Bc, rows, cols, z, h, l0, s0, causal, mask);
+    probabilities(Sb, Bc, rows, cols, lse + row0);
+    gemm::matmul<T>(rows, Bc, d.Ev, dO_base + row0 * Evp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP, Bc);
+    probabilities_to_dS(d, Sb, dP, Bc, rows, cols, row0, s0, Drow, dr, Tt, Brp, Pd);
+    if (dmask)
+      for (int64_t r = 0; r < rows; ++r) std::copy(dP + r * Bc, dP + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
+  };
+
   if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
     at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
       std::vector<T> dK(Sp * Ep), dV(Sp * Evp);
       for (int64_t zhk = begin; zhk < end; ++zhk) {
         const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
-        const T* Kt = Kt_base + zhk * d.E * Sp;
-        const T* Vt = Vt_base + zhk * d.Ev * Sp;
         const T* Kp = Kp_base + zhk * d.S * Ep;
         std::fill(dK.begin(), dK.end(), T(0));
         std::fill(dV.begin(), dV.end(), T(0));
@@ -274,15 +287,8 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
             const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
             for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
               const int64_t cols = std::min(Bc, s_end - s0);
-              gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt + s0, Sp, Sb.data(), Bc);
-              apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
-              probabilities(Sb.data(), Bc, rows, cols, lse + row0);
-              gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt + s0, Sp, dP.data(), Bc);  // dO V^T
-              probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
+              tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
               gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data() + s0 * Evp, Evp, true);  // += P^T dO
-              if (dmask)
-                for (int64_t r = 0; r < rows; ++r)
-                  std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
               gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
               std::fill(Tt.begin(), Tt.end(), T(0));
               transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);  // dK += dS^T (scale * Q)
@@ -309,8 +315,6 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
       const int64_t s0 = kt * Bc, cols = std::min(Bc, d.S - s0);
-      const T* Kt = Kt_base + zhk * d.E * Sp + s0;
-      const T* Vt = Vt_base + zhk * d.Ev * Sp + s0;
       std::fill(dK.begin(), dK.end(), T(0));
       std::fill(dV.begin(), dV.end(), T(0));
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
@@ -320,11 +324,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           const int64_t row0 = (z * d.Hq + h) * d.L + l0;
           const T* Qs = Qs_base + row0 * Ep;
           const T* dOp = dO_base + row0 * Evp;
-          gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt, Sp, Sb.data(), Bc);
-          apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
-          probabilities(Sb.data(), Bc, rows, cols, lse + row0);
-          gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt, Sp, dP.data(), Bc);  // dO V^T
-          probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
+          tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
           gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data(), Evp, true);  // dV += P^T dO
           // dK += dS^T (scale * Q)
           std::fill(Tt.begin(), Tt.end(), T(0));
@@ -348,20 +348,11 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
       const int64_t row0 = (z * d.Hq + h) * d.L + l0;
-      const T* Qs = Qs_base + row0 * Ep;
-      const T* dOp = dO_base + row0 * Evp;
       std::fill(dQ.begin(), dQ.end(), T(0));
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
-        gemm::matmul<T>(rows, Bc, d.E, Qs, Ep, Kt_base + zhk * d.E * Sp + s0, Sp, Sb.data(), Bc);
-        apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
-        probabilities(Sb.data(), Bc, rows, cols, lse + row0);
-        gemm::matmul<T>(rows, Bc, d.Ev, dOp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP.data(), Bc);
-        probabilities_to_dS(d, Sb.data(), dP.data(), Bc, rows, cols, row0, s0, Drow, dr, Tt.data(), Brp, Pd.data());
-        if (dmask)
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy(dP.data() + r * Bc, dP.data() + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
+        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
         gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
       T* dqh = dq + row0 * d.E;
