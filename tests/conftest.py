@@ -6,10 +6,13 @@ import os
 import pytest
 import torch
 
-import seqkernels
 
-# The suite chooses backends explicitly; an inherited SEQKERNELS_BACKEND would change what is tested.
+# The suite chooses backends explicitly; an inherited SEQKERNELS_BACKEND would change what is tested. It is read
+# when seqkernels is imported, so clear both the variable and what was read.
 os.environ.pop("SEQKERNELS_BACKEND", None)
+import seqkernels.backends  # noqa: E402
+
+seqkernels.backends._env_backend = None
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
