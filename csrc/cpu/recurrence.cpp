@@ -25,8 +25,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../common.h"
@@ -86,6 +88,43 @@ Schedule make_schedule(const char* op, const Tensor& batch_sizes, int64_t N, int
   s.N = N;
   return s;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Step barrier
+
+// A sense-reversing barrier for one OpenMP team: a step lasts a few microseconds, so waiting threads spin (with a
+// pause) rather than sleep as OpenMP's barrier may; after a long wait they yield the core. Release/acquire on the
+// sense publishes every write made before the barrier.
+class StepBarrier {
+ public:
+  // Call once per thread at the start of the parallel region (it sizes itself to the actual team).
+  void join(int team) {
+#pragma omp single
+    size_ = team;
+  }
+  void wait(bool& sense) {
+    sense = !sense;
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      sense_.store(sense, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; sense_.load(std::memory_order_acquire) != sense; ++spins) {
+      if (spins < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  int size_ = 1;
+  std::atomic<int> arrived_{0};
+  std::atomic<bool> sense_{false};
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Work split
@@ -209,9 +248,12 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   std::copy(a.h0, a.h0 + B * P, hbuf.begin());
   std::copy(a.h0, a.h0 + B * P, hbuf.begin() + B * P);
   const int team = team_size(4, H, P, B);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    barrier.join(nt);
+    bool sense = false;
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
     std::vector<T> Wp(P * ldg), G(B * ldg), tmp(Jn);
@@ -244,7 +286,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         }
       }
       if (proj) {
-#pragma omp barrier
+        barrier.wait(sense);
         if (Q.size() > 0 && bs > 0) {
           gemm::matmul<T>(bs, ldq, H, htilde.data(), H, Rp.data(), ldq, Y.data(), ldq);
           for (int64_t b = 0; b < bs; ++b) {
@@ -257,7 +299,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         std::copy(h_nxt + b * P + own.begin, h_nxt + b * P + own.end, a.h_n + b * P + own.begin);
         std::copy(cbuf.data() + b * H + J.begin, cbuf.data() + b * H + J.end, a.c_n + b * H + J.begin);
       }
-#pragma omp barrier
+      barrier.wait(sense);
     }
   }
 }
@@ -302,9 +344,12 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
       }
   }
   const int team = team_size(4, H, P, B);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    barrier.join(nt);
+    bool sense = false;
     const Range J = split(H, nt, tid, L), Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     std::vector<T> Wp(4 * H * ldq), Y(B * ldq);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
@@ -340,7 +385,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
                                      nullptr, tc.data(), Jn);
         }
       }
-#pragma omp barrier
+      barrier.wait(sense);
       if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
         if (bs > 0) gemm::matmul<T>(bs, ldq, 4 * H, a.dG + off * 4 * H, 4 * H, Wp.data(), ldq, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
@@ -355,7 +400,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
           }
         }
       }
-#pragma omp barrier
+      barrier.wait(sense);
     }
   }
   std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
@@ -373,9 +418,12 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
   std::copy(h0, h0 + B * H, hbuf.begin());
   std::copy(h0, h0 + B * H, hbuf.begin() + B * H);
   const int team = team_size(1, H, H, B);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    barrier.join(nt);
+    bool sense = false;
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     std::vector<T> Wp(H * ldg), G(B * ldg);
@@ -394,7 +442,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
       }
       for (int64_t b = done; b < bs; ++b)
         std::copy(h_nxt + b * H + J.begin, h_nxt + b * H + J.end, h_n + b * H + J.begin);
-#pragma omp barrier
+      barrier.wait(sense);
     }
   }
 }
@@ -413,9 +461,12 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
     for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
   }
   const int team = team_size(1, H, H, B);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    barrier.join(nt);
+    bool sense = false;
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     std::vector<T> Wp(H * ldq), Y(B * ldq);
@@ -435,7 +486,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
         else
           for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = dh[jj] * (T(1) - y[jj] * y[jj]);
       }
-#pragma omp barrier
+      barrier.wait(sense);
       if (Jn > 0) {
         if (bs > 0) gemm::matmul<T>(bs, ldq, H, dG + off * H, H, Wp.data(), ldq, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
@@ -449,7 +500,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
           }
         }
       }
-#pragma omp barrier
+      barrier.wait(sense);
     }
   }
 }
