@@ -67,12 +67,16 @@ struct Dropout {
   bool active() const { return p > 0.0; }
 };
 
-// row[c] *= keep(counter0 + c) ? 1 / (1 - p) : 0, for c < cols.
+// The dropout factor of probability number `counter`: 1 / (1 - p) when kept, else 0.
+template <typename T>
+inline T dropout_factor(const Dropout& dr, uint64_t counter) {
+  return dropout_uniform(dr.seed, counter) >= dr.p ? static_cast<T>(1.0 / (1.0 - dr.p)) : T(0);
+}
+
+// row[c] *= dropout factor of counter0 + c, for c < cols.
 template <typename T>
 void apply_dropout(T* row, int64_t cols, uint64_t counter0, const Dropout& dr) {
-  const T scale = static_cast<T>(1.0 / (1.0 - dr.p));
-  for (int64_t c = 0; c < cols; ++c)
-    row[c] *= dropout_uniform(dr.seed, counter0 + c) >= dr.p ? scale : T(0);
+  for (int64_t c = 0; c < cols; ++c) row[c] *= dropout_factor<T>(dr, counter0 + c);
 }
 
 // The optional mask, read through its (Z, Hq, L, S) strides.
@@ -120,28 +124,32 @@ void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
   }
 }
 
-// Backward of one pair of tiles after S and P: writes P (dropped, for dV) transposed into Tt, and turns dP = dO V^T
-// into dS = P * (dP * Z - D), where Z is the dropout factor (1 without dropout).
+// Backward of one pair of tiles after S and P: turns dP = dO V^T into dS = P * (dP * Z - D), where Z is the
+// dropout factor (1 without dropout), and, when Tt is given (dV is wanted), writes P * Z transposed into Tt.
 template <typename T>
 void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
                          int64_t s0, const T* Drow, const Dropout& dr, T* Tt, int64_t ldt, T* Pd) {
-  std::fill(Tt, Tt + cols * ldt, T(0));
   if (!dr.active()) {
-    transpose(P, ld, rows, cols, Tt, ldt);
+    if (Tt) {
+      std::fill(Tt, Tt + cols * ldt, T(0));
+      transpose(P, ld, rows, cols, Tt, ldt);
+    }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] - Drow[row0 + r]);
     return;
   }
-  const T keep_scale = static_cast<T>(1.0 / (1.0 - dr.p));
   for (int64_t r = 0; r < rows; ++r) {
     const uint64_t counter0 = static_cast<uint64_t>((row0 + r) * d.S + s0);
     for (int64_t c = 0; c < cols; ++c) {
-      const T z = dropout_uniform(dr.seed, counter0 + c) >= dr.p ? keep_scale : T(0);
+      const T z = dropout_factor<T>(dr, counter0 + c);
       Pd[r * ld + c] = P[r * ld + c] * z;
       dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z - Drow[row0 + r]);
     }
   }
-  transpose(Pd, ld, rows, cols, Tt, ldt);
+  if (Tt) {
+    std::fill(Tt, Tt + cols * ldt, T(0));
+    transpose(Pd, ld, rows, cols, Tt, ldt);
+  }
 }
 
 // P = exp(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
@@ -255,7 +263,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): S, masks,
   // P = exp(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient), and the (dropped)
-  // P^T into Tt for dV. Sb, dP, Pd: kQueryTile x Bc; Tt: Bc x Brp.
+  // P^T into Tt for dV unless Tt is null. Sb, dP, Pd: kQueryTile x Bc; Tt: Bc x Brp.
   auto tile_gradients = [&](int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0, int64_t cols, T* Sb, T* dP,
                             T* Pd, T* Tt) {
     const int64_t zhk = z * d.Hkv + h / d.group, row0 = (z * d.Hq + h) * d.L + l0;
@@ -343,7 +351,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dQ(kQueryTile * Ep);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
@@ -352,7 +360,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
-        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
+        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), nullptr);  // no dV here
         gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
       T* dqh = dq + row0 * d.E;

@@ -97,11 +97,25 @@ Schedule make_schedule(const char* op, const Tensor& batch_sizes, int64_t N, int
 // sense publishes every write made before the barrier.
 class StepBarrier {
  public:
-  // Call once per thread at the start of the parallel region (it sizes itself to the actual team).
-  void join(int team) {
+  // One thread's handle on the barrier, holding that thread's sense.
+  class Member {
+   public:
+    explicit Member(StepBarrier& barrier) : barrier_(barrier) {}
+    void wait() { barrier_.wait(sense_); }
+
+   private:
+    StepBarrier& barrier_;
+    bool sense_ = false;
+  };
+
+  // Called by every thread at the start of the parallel region: sizes the barrier to the actual team.
+  Member join(int team) {
 #pragma omp single
     size_ = team;
+    return Member(*this);
   }
+
+ private:
   void wait(bool& sense) {
     sense = !sense;
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
@@ -120,11 +134,20 @@ class StepBarrier {
     }
   }
 
- private:
   int size_ = 1;
   std::atomic<int> arrived_{0};
   std::atomic<bool> sense_{false};
 };
+
+// A state double buffer (two halves of n values) with both halves starting as `init`: rows a step does not
+// update keep their value whichever half is read next.
+template <typename T>
+std::vector<T> double_buffer(const T* init, int64_t n) {
+  std::vector<T> buf(2 * n);
+  std::copy(init, init + n, buf.begin());
+  std::copy(init, init + n, buf.begin() + n);
+  return buf;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Work split
@@ -244,16 +267,13 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t H = a.H, P = a.P, B = S.B;
   const bool proj = a.w_hr != nullptr;
-  std::vector<T> hbuf(2 * B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
-  std::copy(a.h0, a.h0 + B * P, hbuf.begin());
-  std::copy(a.h0, a.h0 + B * P, hbuf.begin() + B * P);
+  std::vector<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
   const int team = team_size(4, H, P, B);
   StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    barrier.join(nt);
-    bool sense = false;
+    StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
     std::vector<T> Wp(P * ldg), G(B * ldg), tmp(Jn);
@@ -286,7 +306,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         }
       }
       if (proj) {
-        barrier.wait(sense);
+        step.wait();
         if (Q.size() > 0 && bs > 0) {
           gemm::matmul<T>(bs, ldq, H, htilde.data(), H, Rp.data(), ldq, Y.data(), ldq);
           for (int64_t b = 0; b < bs; ++b) {
@@ -299,7 +319,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         std::copy(h_nxt + b * P + own.begin, h_nxt + b * P + own.end, a.h_n + b * P + own.begin);
         std::copy(cbuf.data() + b * H + J.begin, cbuf.data() + b * H + J.end, a.c_n + b * H + J.begin);
       }
-      barrier.wait(sense);
+      step.wait();
     }
   }
 }
@@ -332,9 +352,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   const bool proj = a.w_hr != nullptr;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };  // time index of the s-th backward step
   // dh double buffer: rows not yet reached hold grad_hn; the first step's rows also get their output gradient.
-  std::vector<T> dhbuf(2 * B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
-  std::copy(a.grad_hn, a.grad_hn + B * P, dhbuf.begin());
-  std::copy(a.grad_hn, a.grad_hn + B * P, dhbuf.begin() + B * P);
+  std::vector<T> dhbuf = double_buffer(a.grad_hn, B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
   {
     const int64_t t0 = t_bwd(0);
     for (int64_t b = 0; b < S.bs[t0]; ++b)
@@ -348,8 +366,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    barrier.join(nt);
-    bool sense = false;
+    StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L), Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     std::vector<T> Wp(4 * H * ldq), Y(B * ldq);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
@@ -385,7 +402,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
                                      nullptr, tc.data(), Jn);
         }
       }
-      barrier.wait(sense);
+      step.wait();
       if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
         if (bs > 0) gemm::matmul<T>(bs, ldq, 4 * H, a.dG + off * 4 * H, 4 * H, Wp.data(), ldq, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
@@ -400,7 +417,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
           }
         }
       }
-      barrier.wait(sense);
+      step.wait();
     }
   }
   std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
@@ -414,16 +431,13 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
                  T* h_n, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
-  std::vector<T> hbuf(2 * B * H);
-  std::copy(h0, h0 + B * H, hbuf.begin());
-  std::copy(h0, h0 + B * H, hbuf.begin() + B * H);
+  std::vector<T> hbuf = double_buffer(h0, B * H);
   const int team = team_size(1, H, H, B);
   StepBarrier barrier;
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    barrier.join(nt);
-    bool sense = false;
+    StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     std::vector<T> Wp(H * ldg), G(B * ldg);
@@ -442,7 +456,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
       }
       for (int64_t b = done; b < bs; ++b)
         std::copy(h_nxt + b * H + J.begin, h_nxt + b * H + J.end, h_n + b * H + J.begin);
-      barrier.wait(sense);
+      step.wait();
     }
   }
 }
@@ -453,9 +467,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
-  std::vector<T> dhbuf(2 * B * H);
-  std::copy(grad_hn, grad_hn + B * H, dhbuf.begin());
-  std::copy(grad_hn, grad_hn + B * H, dhbuf.begin() + B * H);
+  std::vector<T> dhbuf = double_buffer(grad_hn, B * H);
   {
     const int64_t t0 = t_bwd(0);
     for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
@@ -465,8 +477,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    barrier.join(nt);
-    bool sense = false;
+    StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     std::vector<T> Wp(H * ldq), Y(B * ldq);
@@ -486,7 +497,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
         else
           for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = dh[jj] * (T(1) - y[jj] * y[jj]);
       }
-      barrier.wait(sense);
+      step.wait();
       if (Jn > 0) {
         if (bs > 0) gemm::matmul<T>(bs, ldq, H, dG + off * H, H, Wp.data(), ldq, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
@@ -500,7 +511,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
           }
         }
       }
-      barrier.wait(sense);
+      step.wait();
     }
   }
 }
