@@ -64,19 +64,19 @@ inline double dropout_uniform(uint64_t seed, uint64_t counter) {
 struct Dropout {
   double p = 0.0;
   uint64_t seed = 0;
+  double scale = 1.0;  // 1 / (1 - p), for the kept ones
   bool active() const { return p > 0.0; }
 };
 
-// The dropout factor of probability number `counter`: 1 / (1 - p) when kept, else 0.
+// The dropout factors of probabilities counter0 .. counter0 + n - 1 (1 / (1 - p) when kept, else 0) into z.
+// Forward and backward both draw them here. (Seed, p and scale are read into locals: read through `dr` inside
+// the loop, they kept GCC from vectorizing the hash, which made dropout 1.7 times slower.)
 template <typename T>
-inline T dropout_factor(const Dropout& dr, uint64_t counter) {
-  return dropout_uniform(dr.seed, counter) >= dr.p ? static_cast<T>(1.0 / (1.0 - dr.p)) : T(0);
-}
-
-// row[c] *= dropout factor of counter0 + c, for c < cols.
-template <typename T>
-void apply_dropout(T* row, int64_t cols, uint64_t counter0, const Dropout& dr) {
-  for (int64_t c = 0; c < cols; ++c) row[c] *= dropout_factor<T>(dr, counter0 + c);
+void dropout_factors(const Dropout& dr, uint64_t counter0, int64_t n, T* __restrict__ z) {
+  const uint64_t seed = dr.seed;
+  const double p = dr.p;
+  const T scale = static_cast<T>(dr.scale);
+  for (int64_t c = 0; c < n; ++c) z[c] = dropout_uniform(seed, counter0 + c) >= p ? scale : T(0);
 }
 
 // The optional mask, read through its (Z, Hq, L, S) strides.
@@ -139,11 +139,11 @@ void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, 
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t counter0 = static_cast<uint64_t>((row0 + r) * d.S + s0);
+    T* z = Pd + r * ld;  // the factors first, then P * Z in place
+    dropout_factors(dr, static_cast<uint64_t>((row0 + r) * d.S + s0), cols, z);
     for (int64_t c = 0; c < cols; ++c) {
-      const T z = dropout_factor<T>(dr, counter0 + c);
-      Pd[r * ld + c] = P[r * ld + c] * z;
-      dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z - Drow[row0 + r]);
+      dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z[c] - Drow[row0 + r]);
+      z[c] *= P[r * ld + c];
     }
   }
   if (Tt) {
@@ -201,7 +201,7 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
   const T* Kt_base = Kt_all.data_ptr<T>();
   const T* Vp_base = Vp_all.data_ptr<T>();
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qs(kQueryTile * Ep), Sb(kQueryTile * Bc), O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile);
+    std::vector<T> Qs(kQueryTile * Ep), Sb(kQueryTile * Bc), O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile), Z(Bc);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
@@ -226,7 +226,10 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
           const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
           const T sum = vec_math::exp_shifted_sum(row, cols, m_new);  // the normalizer counts dropped ones too
           std::fill(row + cols, row + Bc, T(0));
-          if (dr.active()) apply_dropout(row, cols, static_cast<uint64_t>(((z * d.Hq + h) * d.L + l0 + r) * d.S + s0), dr);
+          if (dr.active()) {
+            dropout_factors(dr, static_cast<uint64_t>(((z * d.Hq + h) * d.L + l0 + r) * d.S + s0), cols, Z.data());
+            for (int64_t c = 0; c < cols; ++c) row[c] *= Z[c];
+          }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
           if (alpha != T(1))
@@ -413,7 +416,7 @@ Mask<T> mask_view(const char* op, const std::optional<Tensor>& mask, const Shape
 
 Dropout make_dropout(const char* op, double p, int64_t seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": expected dropout_p in [0, 1), got ", p);
-  return Dropout{p, static_cast<uint64_t>(seed)};
+  return Dropout{p, static_cast<uint64_t>(seed), 1.0 / (1.0 - p)};
 }
 
 std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& query, const Tensor& key, const Tensor& value,
