@@ -123,19 +123,14 @@ class MultiheadAttention(_FromTorch, torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with seqkernels' fused attention (same arguments, parameters, outputs)."""
 
     _torch_cls = torch.nn.MultiheadAttention
-    _config_args = ("embed_dim", "num_heads", "dropout", "batch_first")
 
     @classmethod
-    def from_torch(cls, module: torch.nn.Module):
-        if not isinstance(module, torch.nn.MultiheadAttention):
-            raise TypeError(f"MultiheadAttention.from_torch: expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
-        first = next(module.parameters())
-        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
-                  add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
-                  vdim=module.vdim, batch_first=module.batch_first, device=first.device, dtype=first.dtype)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        return new
+    def _config(cls, module: torch.nn.Module) -> dict:
+        # Several constructor arguments are not attributes of the same name: read them off the parameters.
+        return dict(embed_dim=module.embed_dim, num_heads=module.num_heads, dropout=module.dropout,
+                    bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                    add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                    batch_first=module.batch_first)
 
     def forward(
         self,

@@ -20,8 +20,15 @@ _SEQ_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "
 
 
 class _FromTorch:
+    """``from_torch`` for the drop-in modules: a subclass names its torch twin and the constructor arguments that
+    are attributes of the same name, or overrides ``_config``."""
+
     _torch_cls: type
-    _config_args: Tuple[str, ...]
+    _config_args: Tuple[str, ...] = ()
+
+    @classmethod
+    def _config(cls, module: torch.nn.Module) -> dict:
+        return {name: getattr(module, name) for name in cls._config_args}
 
     @classmethod
     def from_torch(cls, module: torch.nn.Module):
@@ -31,7 +38,7 @@ class _FromTorch:
                 f"{cls.__name__}.from_torch: expected a {cls._torch_cls.__module__}.{cls._torch_cls.__name__}, "
                 f"got {type(module).__name__}"
             )
-        config = {name: getattr(module, name) for name in cls._config_args}
+        config = cls._config(module)
         first = next(module.parameters())
         new = cls(**config, device=first.device, dtype=first.dtype)
         new.load_state_dict(module.state_dict())
@@ -169,7 +176,7 @@ class RNN(_FromTorch, torch.nn.RNN):
         return _recurrent_forward(self, input, hx, is_lstm=False)
 
 
-def _cell_inputs(name: str, module, input: Tensor, states):
+def _cell_inputs(name: str, input: Tensor, states):
     """torch's cell conventions: 1-D (unbatched) or 2-D input, states default to zeros."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
@@ -202,7 +209,7 @@ class LSTMCell(_FromTorch, torch.nn.LSTMCell):
 
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError("LSTMCell: expected hx to be a tuple (h_0, c_0) of two tensors")
-        input, states, is_batched = _cell_inputs("LSTMCell", self, input, hx)
+        input, states, is_batched = _cell_inputs("LSTMCell", input, hx)
         if states is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros)
@@ -225,7 +232,7 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
             except (ValueError, TypeError):
                 pass  # bad input: the full path below reports it in torch's words
 
-        input, states, is_batched = _cell_inputs("RNNCell", self, input, None if hx is None else (hx,))
+        input, states, is_batched = _cell_inputs("RNNCell", input, None if hx is None else (hx,))
         h0 = (
             states[0]
             if states is not None

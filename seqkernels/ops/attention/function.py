@@ -102,8 +102,6 @@ def _canonical(query, key, value, attn_mask, enable_gqa):
         ) from None
     Z = math.prod(batch)
     L, E, S, Ev = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
-    if hq != q.shape[-3]:
-        q = q.expand(*q.shape[:-3], hq, L, E)
     q4 = q.expand(*batch, hq, L, E).reshape(Z, hq, L, E).contiguous()
     k4 = k.expand(*batch, hk, S, E).reshape(Z, hk, S, E).contiguous()
     v4 = v.expand(*batch, hk, S, Ev).reshape(Z, hk, S, Ev).contiguous()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from .. import cpp
 from . import cpu, reference
 
 
@@ -28,7 +29,7 @@ def _plain_cpu_call(input) -> bool:
         and backends._env_backend is None
         and isinstance(input, Tensor)
         and input.is_cpu
-        and input.dtype in cpu.DTYPES
+        and input.dtype in cpp.DTYPES
         and input.layout == torch.strided
         and backends.backend_status("cpu")[0]
     )
@@ -184,7 +185,7 @@ backends.register("lstm_layer", "reference")(reference.lstm_layer)
 backends.register("rnn_layer", "reference")(reference.rnn_layer)
 
 
-@backends.register("lstm_cell", "cpu", supports=cpu.supports)
+@backends.register("lstm_cell", "cpu", supports=cpp.supports)
 def _lstm_cell_cpu(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     if _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         return LSTMCellFunction.apply(cpu, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
@@ -192,14 +193,14 @@ def _lstm_cell_cpu(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     return hy, cy
 
 
-@backends.register("rnn_cell", "cpu", supports=lambda input, hx, w_ih, w_hh, b_ih, b_hh, nl: cpu.supports(input))
+@backends.register("rnn_cell", "cpu", supports=lambda input, hx, w_ih, w_hh, b_ih, b_hh, nl: cpp.supports(input))
 def _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
         return RNNCellFunction.apply(cpu, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return cpu.rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
 
 
-@backends.register("lstm_layer", "cpu", supports=lambda input, *rest: cpu.supports(input))
+@backends.register("lstm_layer", "cpu", supports=lambda input, *rest: cpp.supports(input))
 def _lstm_layer_cpu(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False):
     if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         return LSTMLayerFunction.apply(cpu, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
@@ -207,7 +208,7 @@ def _lstm_layer_cpu(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None
     return out, h_n, c_n
 
 
-@backends.register("rnn_layer", "cpu", supports=lambda input, *rest: cpu.supports(input))
+@backends.register("rnn_layer", "cpu", supports=lambda input, *rest: cpp.supports(input))
 def _rnn_layer_cpu(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", reverse=False):
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         return RNNLayerFunction.apply(cpu, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
