@@ -10,6 +10,9 @@ import torch
 # The suite chooses backends explicitly; an inherited SEQKERNELS_BACKEND would change what is tested. It is read
 # when seqkernels is imported, so clear both the variable and what was read.
 os.environ.pop("SEQKERNELS_BACKEND", None)
+# No GPU here: the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a kernel is
+# defined, so it is set before anything imports the kernels.
+os.environ["TRITON_INTERPRET"] = "1"
 import seqkernels.backends  # noqa: E402
 
 seqkernels.backends._env_backend = None

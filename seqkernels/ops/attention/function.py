@@ -126,17 +126,34 @@ def _sdpa_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
-@backends.register("sdpa", "cpu", supports=cpu.supports)
-def _sdpa_cpu(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _run_kernels(kernels: ModuleType, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Run a kernel backend (a module with ``sdpa_fwd`` / ``sdpa_bwd``) on canonical tensors, with autograd when
+    any input needs a gradient."""
     q4, k4, v4, mask4, out_shape = _canonical(query, key, value, attn_mask, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     seed = reference.draw_dropout_seed() if dropout_p > 0.0 else 0
     tensors = (q4, k4, v4, mask4)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out = SDPAFunction.apply(cpu, q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
+        out = SDPAFunction.apply(kernels, q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
     else:
-        out, _ = cpu.sdpa_fwd(q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
+        out, _ = kernels.sdpa_fwd(q4, k4, v4, mask4, is_causal, scale, float(dropout_p), seed)
     return out.reshape(out_shape)
+
+
+@backends.register("sdpa", "cpu", supports=cpu.supports)
+def _sdpa_cpu(*args):
+    return _run_kernels(cpu, *args)
+
+
+def _triton_kernels() -> ModuleType:
+    from . import triton as kernels  # imports triton: only once the triton backend is chosen or asked
+
+    return kernels
+
+
+@backends.register("sdpa", "triton", supports=lambda *args: _triton_kernels().supports(*args))
+def _sdpa_triton(*args):
+    return _run_kernels(_triton_kernels(), *args)
 
 
 def scaled_dot_product_attention(
@@ -154,10 +171,11 @@ def scaled_dot_product_attention(
     query (..., L, E), key (..., S, E), value (..., S, Ev); leading dims broadcast; with ``enable_gqa`` the
     heads dim (-3) of key/value may divide query's. ``attn_mask``: bool (True takes part) or float (added),
     broadcastable to (..., L, S). ``is_causal``: top-left aligned, as torch. ``scale`` defaults to 1/sqrt(E).
-    Rows that see no key give 0 and no gradient, never NaN. Dropout uses seqkernels' counter-based generator
-    (see ``reference.dropout_keep``), seeded from torch's, so ``torch.manual_seed`` reproduces it and the backward
-    regenerates it without storing a mask. On CPU tensors the fused C++ kernel runs forward and backward: it reads
-    masks through their broadcast strides and never forms the L x S matrix.
+    Rows that see no key give 0 and no gradient, never NaN. Dropout uses a counter-based generator seeded from
+    torch's, so ``torch.manual_seed`` reproduces it and the backward regenerates it without storing a mask (the
+    C++ and reference backends share one generator, ``reference.dropout_keep``; the Triton kernels use Triton's
+    Philox). On CPU tensors the fused C++ kernel runs forward and backward, on CUDA tensors the Triton kernels:
+    both read masks through their broadcast strides and never form the L x S matrix.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -7,8 +7,9 @@ attention repeats each key/value head over its group of query heads. Rows that s
 
 Dropout is seqkernels' counter-based one (``dropout_keep``), which the kernels regenerate in their backward: a
 probability is kept when a hash of (seed, its flat index in the broadcast (batch..., heads, L, S) shape) is at
-least p. The seed is drawn from torch's generator, so ``torch.manual_seed`` reproduces it, and every backend
-drops the same entries for the same seed.
+least p. The seed is drawn from torch's generator, so ``torch.manual_seed`` reproduces it; the C++ kernels drop the
+same entries for the same seed. The Triton kernels use Triton's Philox generator instead: their keep mask
+(``triton.dropout_keep``) can be passed in as ``dropout_keep_mask``.
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     dropout_seed: Optional[int] = None,
+    dropout_keep_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """As torch's function; ``dropout_seed`` (drawn from torch's generator when None) keys the dropout."""
+    """As torch's function; ``dropout_seed`` (drawn from torch's generator when None) keys the dropout, or
+    ``dropout_keep_mask`` (bool, broadcastable to the probabilities) gives the entries it keeps."""
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = 1.0 / math.sqrt(E) if scale is None else scale
     if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -68,7 +71,10 @@ def scaled_dot_product_attention(
     blind = torch.isneginf(scores).all(dim=-1, keepdim=True)  # rows that see no key
     probs = torch.softmax(scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0)
     if dropout_p > 0.0:
-        seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
-        keep = dropout_keep(seed, probs.shape, dropout_p).to(probs.device)
+        if dropout_keep_mask is not None:
+            keep = dropout_keep_mask
+        else:
+            seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
+            keep = dropout_keep(seed, probs.shape, dropout_p).to(probs.device)
         probs = probs * keep / (1.0 - dropout_p)
     return probs @ value

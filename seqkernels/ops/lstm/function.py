@@ -7,7 +7,7 @@ that module, run its forward, save what its backward needs, and call the same mo
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -213,6 +213,50 @@ def _rnn_layer_cpu(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, non
     if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
         return RNNLayerFunction.apply(cpu, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
     return cpu.rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+
+
+def _triton_kernels() -> ModuleType:
+    from . import triton as kernels  # imports triton: only once the triton backend is chosen or asked
+
+    return kernels
+
+
+def _triton_supports(input, *rest) -> List[str]:
+    return _triton_kernels().supports(input)
+
+
+@backends.register("lstm_cell", "triton", supports=_triton_supports)
+def _lstm_cell_triton(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
+    kernels = _triton_kernels()
+    if _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        return LSTMCellFunction.apply(kernels, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    hy, cy, _ = kernels.lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return hy, cy
+
+
+@backends.register("rnn_cell", "triton", supports=_triton_supports)
+def _rnn_cell_triton(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    kernels = _triton_kernels()
+    if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
+        return RNNCellFunction.apply(kernels, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return kernels.rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+@backends.register("lstm_layer", "triton", supports=_triton_supports)
+def _lstm_layer_triton(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, reverse=False):
+    kernels = _triton_kernels()
+    if _needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        return LSTMLayerFunction.apply(kernels, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    out, h_n, c_n, _, _ = kernels.lstm_seq_fwd(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, False)
+    return out, h_n, c_n
+
+
+@backends.register("rnn_layer", "triton", supports=_triton_supports)
+def _rnn_layer_triton(input, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", reverse=False):
+    kernels = _triton_kernels()
+    if _needs_grad(input, h0, w_ih, w_hh, b_ih, b_hh):
+        return RNNLayerFunction.apply(kernels, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
+    return kernels.rnn_seq_fwd(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
 
 
 # ------------------------------------------------------------------------------------------------------------------
