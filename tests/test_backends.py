@@ -64,8 +64,9 @@ def test_forced_backend_that_cannot_run_lists_its_reasons():
         seqkernels.lstm_cell(x, hx, w_ih, w_hh)
     with seqkernels.use_backend("cuda"), pytest.raises(seqkernels.BackendError, match=r"'cuda' was forced"):
         seqkernels.lstm_cell(*_cell_args())
-    with seqkernels.use_backend("triton"), pytest.raises(seqkernels.BackendError, match=r"'triton' was forced"):
-        seqkernels.lstm_cell(*_cell_args())
+    with seqkernels.use_backend("triton"), pytest.raises(seqkernels.BackendError,
+                                                         match=r"'triton' was forced.*float32, got torch.float64"):
+        seqkernels.lstm_cell(*_cell_args(torch.float64))
 
 
 def test_unknown_backend_name_is_rejected():

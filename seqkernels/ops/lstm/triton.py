@@ -106,6 +106,13 @@ def _rows_matmul(acc, a_rows, a_mask, W, w_row0, w_stride, cols, cmask, K, PREC:
 
 
 @triton.jit
+def _bias(Bih, Bhh, row0, cols, cmask):
+    """b_ih + b_hh for one gate's columns, added in float32, as a (1, BH) row."""
+    b = tl.load(Bih + row0 + cols, mask=cmask, other=0.0).to(tl.float32)
+    return (b + tl.load(Bhh + row0 + cols, mask=cmask, other=0.0).to(tl.float32))[None, :]
+
+
+@triton.jit
 def _step_fwd_kernel(
     X, Wih, XP, HPrev, H0, Whh, Bih, Bhh, Cx, Cy, Out, Gates,
     n_rows, n_prev, x_row0, hp_row0, out_row0, I, H, P,
@@ -150,11 +157,11 @@ def _step_fwd_kernel(
         acc_g = _gate_matmul(acc_g, h_rows, rmask, Whh, 2 * H, cols, cmask, P, PREC, BK)
         acc_o = _gate_matmul(acc_o, h_rows, rmask, Whh, 3 * H, cols, cmask, P, PREC, BK)
     if HAS_BIAS:
-        acc_i += (tl.load(Bih + cols, mask=cmask, other=0.0) + tl.load(Bhh + cols, mask=cmask, other=0.0)).to(tl.float32)[None, :]
+        acc_i += _bias(Bih, Bhh, 0, cols, cmask)
         if CELL == 0:
-            acc_f += (tl.load(Bih + H + cols, mask=cmask, other=0.0) + tl.load(Bhh + H + cols, mask=cmask, other=0.0)).to(tl.float32)[None, :]
-            acc_g += (tl.load(Bih + 2 * H + cols, mask=cmask, other=0.0) + tl.load(Bhh + 2 * H + cols, mask=cmask, other=0.0)).to(tl.float32)[None, :]
-            acc_o += (tl.load(Bih + 3 * H + cols, mask=cmask, other=0.0) + tl.load(Bhh + 3 * H + cols, mask=cmask, other=0.0)).to(tl.float32)[None, :]
+            acc_f += _bias(Bih, Bhh, H, cols, cmask)
+            acc_g += _bias(Bih, Bhh, 2 * H, cols, cmask)
+            acc_o += _bias(Bih, Bhh, 3 * H, cols, cmask)
     out_ptrs = Out + (out_row0 + rows)[:, None] * H + cols[None, :]
     if CELL == 0:
         i = _sigmoid(acc_i)
@@ -455,15 +462,16 @@ class Config:
     num_warps: int
 
 
-STEP_CONFIG = {False: Config(16, 64, 32, 4), True: Config(16, 32, 32, 4)}  # float32? (3xTF32 needs more registers)
+STEP_CONFIG = {False: Config(16, 64, 32, 4), True: Config(16, 32, 16, 4)}  # float32? (3xTF32 needs more registers)
 ELEMENTWISE_CONFIG = Config(16, 64, 0, 4)
 MATMUL_CONFIG = {False: (64, 64, 32, 4), True: (64, 64, 32, 4)}  # float32? -> (BM, BN, BK, num_warps)
 PERSISTENT_BB = 16
 PERSISTENT_BK = 32  # slices of the recurrent matmul when the weights are re-read each step
 
 
-def persistent_warps(block_h: int, block_p: int) -> int:
-    return 4 if max(block_h, block_p) <= 64 else 8
+def persistent_warps(block_h: int, block_p: int, dtype: torch.dtype) -> int:
+    """Warps of the persistent kernels: more for wider states, and for float32 (3xTF32 holds more registers)."""
+    return 8 if dtype == torch.float32 or max(block_h, block_p) > 64 else 4
 
 
 def dim_block(n: int) -> int:
@@ -476,7 +484,11 @@ def resident(gates: int, block_h: int, block_p: int, dtype: torch.dtype, has_pro
     return elems * torch.tensor([], dtype=dtype).element_size() <= RESIDENT_BYTES
 
 
-def use_persistent(hidden: int, proj: int) -> bool:
+def use_persistent(hidden: int, proj: int, dtype: torch.dtype, has_proj: bool) -> bool:
+    """Whether the persistent kernels take this layer. float32 with a projection keeps W_hr (3xTF32 operands) in
+    registers, which spills past a padded hidden size of 64: those layers run step by step."""
+    if has_proj and dtype == torch.float32 and dim_block(hidden) > 64:
+        return False
     return hidden <= PERSISTENT_MAX and proj <= PERSISTENT_MAX
 
 
@@ -674,18 +686,18 @@ def _seq_fwd(cell, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rev
             c_n.copy_(c0)
         return out, h_n, c_n, gates
     sizes, offsets, sizes_d, offsets_d = _layout(batch_sizes, device)
-    bias = (b_ih + b_hh) if b_ih is not None else None
+    bias = (b_ih.float() + b_hh.float()) if b_ih is not None else None
     xp = matmul(input, w_ih.t(), input.new_empty(N, G * H, dtype=torch.float32), bias)
     w_hh = w_hh.contiguous()
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)
-    if use_persistent(H, P):
+    if use_persistent(H, P, w_hh.dtype, w_hr is not None):
         BH, BP = dim_block(H), dim_block(P)
         launch(_seq_fwd_kernel, (triton.cdiv(B, PERSISTENT_BB),),
                xp, h0, c0 if c0 is not None else h0, w_hh, w_hr.contiguous() if w_hr is not None else w_hh, out, h_n,
                c_n if c_n is not None else h_n, gates, sizes_d, offsets_d, len(sizes), B, H, P,
                CELL=cell, HAS_PROJ=w_hr is not None, REVERSE=reverse, SAVE=bool(gates.shape[0]),
                RESIDENT=resident(G, BH, BP, w_hh.dtype, w_hr is not None), PREC=precision(w_hh.dtype),
-               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP))
+               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP, w_hh.dtype))
         return out, h_n, c_n, gates
     c_state = c0.to(torch.float32, copy=True) if cell == LSTM else None
     r = input.new_empty(N, H) if w_hr is not None else out  # o * tanh(c) before the projection
@@ -722,7 +734,7 @@ def _seq_bwd(cell, grad_out, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih,
         grad_h0.copy_(grad_hn)
         if grad_c0 is not None:
             grad_c0.copy_(grad_cn)
-    elif use_persistent(H, P):
+    elif use_persistent(H, P, w_hh.dtype, w_hr is not None):
         BH, BP = dim_block(H), dim_block(P)
         launch(_seq_bwd_kernel, (triton.cdiv(B, PERSISTENT_BB),),
                grad_out, grad_hn.contiguous(), grad_cn.contiguous() if grad_cn is not None else grad_hn, gates, out,
@@ -730,7 +742,7 @@ def _seq_bwd(cell, grad_out, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih,
                grad_h0, grad_c0 if grad_c0 is not None else grad_h0, sizes_d, offsets_d, len(sizes), B, H, P,
                CELL=cell, HAS_PROJ=w_hr is not None, REVERSE=reverse,
                RESIDENT=resident(G, BH, BP, w_hh.dtype, w_hr is not None), PREC=precision(w_hh.dtype),
-               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP))
+               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP, w_hh.dtype))
     else:
         dh = grad_hn.to(torch.float32, copy=True)
         dc = grad_cn.to(torch.float32, copy=True) if cell == LSTM else None
