@@ -173,12 +173,7 @@ def _step_fwd_kernel(
         tl.store(Cy + c_ptrs, c.to(Cy.dtype.element_ty), mask=tile)
         tl.store(out_ptrs, (o * _tanh(c)).to(Out.dtype.element_ty), mask=tile)
         if SAVE:
-            gp = Gates + xrows[:, None] * (5 * H) + cols[None, :]
-            tl.store(gp, i, mask=tile)
-            tl.store(gp + H, f, mask=tile)
-            tl.store(gp + 2 * H, g, mask=tile)
-            tl.store(gp + 3 * H, o, mask=tile)
-            tl.store(gp + 4 * H, c, mask=tile)
+            _save_gates(Gates, xrows, cols, tile, H, i, f, g, o, c)
     else:
         if CELL == 1:
             h = _tanh(acc_i)
@@ -188,13 +183,61 @@ def _step_fwd_kernel(
 
 
 @triton.jit
+def _save_gates(Gates, rows, cols, tile, H, i, f, g, o, c):
+    """The activated gates and c' of packed rows `rows`, for the backward: (rows, 5H) float32, i f g o c'."""
+    gp = Gates + rows[:, None] * (5 * H) + cols[None, :]
+    tl.store(gp, i, mask=tile)
+    tl.store(gp + H, f, mask=tile)
+    tl.store(gp + 2 * H, g, mask=tile)
+    tl.store(gp + 3 * H, o, mask=tile)
+    tl.store(gp + 4 * H, c, mask=tile)
+
+
+@triton.jit
+def _lstm_gate_grads(Gates, C0, dGates, rows, prev_rows, from_prev, seqs, cols, tile, H, dh, dc):
+    """LSTM gate gradients of packed rows `rows` from the saved gates, dh (of o tanh(c')) and dc (of c'); c_prev is
+    c' of packed row prev_rows where from_prev, else C0[seqs]. Stores them to dGates (rows, 4H) and returns them,
+    with the gradient of c_prev (dc * f, dc including the path through h)."""
+    gp = Gates + rows[:, None] * (5 * H) + cols[None, :]
+    i = tl.load(gp, mask=tile, other=0.0)
+    f = tl.load(gp + H, mask=tile, other=0.0)
+    g = tl.load(gp + 2 * H, mask=tile, other=0.0)
+    o = tl.load(gp + 3 * H, mask=tile, other=0.0)
+    c = tl.load(gp + 4 * H, mask=tile, other=0.0)
+    prev = from_prev[:, None] & tile
+    c_prev = tl.load(Gates + prev_rows[:, None] * (5 * H) + 4 * H + cols[None, :], mask=prev, other=0.0)
+    c_prev += tl.load(C0 + seqs[:, None] * H + cols[None, :], mask=tile & ~prev, other=0.0).to(tl.float32)
+    tc = _tanh(c)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    d_i = dc * g * i * (1.0 - i)
+    d_f = dc * c_prev * f * (1.0 - f)
+    d_g = dc * i * (1.0 - g * g)
+    d_o = dh * tc * o * (1.0 - o)
+    dp = dGates + rows[:, None] * (4 * H) + cols[None, :]
+    tl.store(dp, d_i, mask=tile)
+    tl.store(dp + H, d_f, mask=tile)
+    tl.store(dp + 2 * H, d_g, mask=tile)
+    tl.store(dp + 3 * H, d_o, mask=tile)
+    return d_i, d_f, d_g, d_o, dc * f
+
+
+@triton.jit
+def _rnn_pre_grad(Out, rows, cols, tile, H, dh, CELL: tl.constexpr):
+    """RNN: the gradient of the pre-activation from dh and the output h of packed rows `rows`."""
+    h = tl.load(Out + rows[:, None] * H + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+    if CELL == 1:
+        return dh * (1.0 - h * h)
+    return tl.where(h > 0.0, dh, 0.0)
+
+
+@triton.jit
 def _step_bwd_kernel(
-    dH, dOut, Gates, CPrev, C0, Out, dC, dGates, dCx,
+    dH, dOut, Gates, C0, Out, dC, dGates, dCx,
     n_rows, n_prev, row0, cp_row0, dout_row0, H,
     CELL: tl.constexpr, HAS_DOUT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
 ):
     """Gate gradients of one step for rows [0, n_rows): dh = dH[row] (+ dOut[dout_row0 + row]); LSTM: from the
-    saved gates and c' (Gates[row0 + row]), dC[row] and c_prev (CPrev[cp_row0 + row] for row < n_prev, else
+    saved gates and c' (Gates[row0 + row]), dC[row] and c_prev (c' of Gates[cp_row0 + row] for row < n_prev, else
     C0[row]); writes dGates[row0 + row] and the cell gradient dC_x[row] = dc * f (dCx may alias dC).
     RNN: from the output h (Out[row0 + row])."""
     pid_b = tl.program_id(0)
@@ -208,31 +251,12 @@ def _step_bwd_kernel(
     if HAS_DOUT:
         dh += tl.load(dOut + (dout_row0 + rows)[:, None] * H + cols[None, :], mask=tile, other=0.0).to(tl.float32)
     if CELL == 0:
-        gp = Gates + srows[:, None] * (5 * H) + cols[None, :]
-        i = tl.load(gp, mask=tile, other=0.0)
-        f = tl.load(gp + H, mask=tile, other=0.0)
-        g = tl.load(gp + 2 * H, mask=tile, other=0.0)
-        o = tl.load(gp + 3 * H, mask=tile, other=0.0)
-        c = tl.load(gp + 4 * H, mask=tile, other=0.0)
-        from_prev = (rows < n_prev)[:, None] & tile
-        c_prev = tl.load(CPrev + (cp_row0 + rows)[:, None] * (5 * H) + 4 * H + cols[None, :], mask=from_prev,
-                         other=0.0)
-        c_prev += tl.load(C0 + rows[:, None] * H + cols[None, :], mask=tile & ~from_prev, other=0.0).to(tl.float32)
-        tc = _tanh(c)
         dc = tl.load(dC + rows[:, None] * H + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        dc += dh * o * (1.0 - tc * tc)
-        dp = dGates + srows[:, None] * (4 * H) + cols[None, :]
-        tl.store(dp, dc * g * i * (1.0 - i), mask=tile)
-        tl.store(dp + H, dc * c_prev * f * (1.0 - f), mask=tile)
-        tl.store(dp + 2 * H, dc * i * (1.0 - g * g), mask=tile)
-        tl.store(dp + 3 * H, dh * tc * o * (1.0 - o), mask=tile)
-        tl.store(dCx + rows[:, None] * H + cols[None, :], (dc * f).to(dCx.dtype.element_ty), mask=tile)
+        _, _, _, _, dc_prev = _lstm_gate_grads(Gates, C0, dGates, srows, cp_row0 + rows, rows < n_prev, rows, cols,
+                                               tile, H, dh, dc)
+        tl.store(dCx + rows[:, None] * H + cols[None, :], dc_prev.to(dCx.dtype.element_ty), mask=tile)
     else:
-        h = tl.load(Out + srows[:, None] * H + cols[None, :], mask=tile, other=0.0).to(tl.float32)
-        if CELL == 1:
-            dpre = dh * (1.0 - h * h)
-        else:
-            dpre = tl.where(h > 0.0, dh, 0.0)
+        dpre = _rnn_pre_grad(Out, srows, cols, tile, H, dh, CELL)
         tl.store(dGates + srows[:, None] * H + cols[None, :], dpre, mask=tile)
 
 
@@ -326,12 +350,7 @@ def _seq_fwd_kernel(
             r = o * _tanh(c_new)
             c = tl.where(active[:, None], c_new, c)
             if SAVE:
-                gp = Gates + xrows[:, None] * (5 * H) + hc[None, :]
-                tl.store(gp, i, mask=hm)
-                tl.store(gp + H, f, mask=hm)
-                tl.store(gp + 2 * H, g, mask=hm)
-                tl.store(gp + 3 * H, o, mask=hm)
-                tl.store(gp + 4 * H, c_new, mask=hm)
+                _save_gates(Gates, xrows, hc, hm, H, i, f, g, o, c_new)
         elif CELL == 1:
             r = _tanh(pre_i)
         else:
@@ -365,7 +384,6 @@ def _seq_bwd_kernel(
     pc = tl.arange(0, BP)
     hmask = hc < H
     pmask = pc < P
-    G: tl.constexpr = 4 if CELL == 0 else 1
     inside = rows[:, None] < B
     dh = tl.load(dHn + rows[:, None] * P + pc[None, :], mask=inside & pmask[None, :], other=0.0).to(tl.float32)
     dc = tl.zeros([BB, BH], tl.float32)
@@ -400,29 +418,10 @@ def _seq_bwd_kernel(
             dr = dot(dht.to(w_r.dtype), w_r, PREC)
         else:
             dr = dht
-        dp = dGates + xrows[:, None] * (G * H) + hc[None, :]
         if CELL == 0:
-            gp = Gates + xrows[:, None] * (5 * H) + hc[None, :]
-            i = tl.load(gp, mask=hm, other=0.0)
-            f = tl.load(gp + H, mask=hm, other=0.0)
-            g = tl.load(gp + 2 * H, mask=hm, other=0.0)
-            o = tl.load(gp + 3 * H, mask=hm, other=0.0)
-            c = tl.load(gp + 4 * H, mask=hm, other=0.0)
-            from_prev = (rows < n_prev)[:, None] & hm
-            c_prev = tl.load(Gates + (off_prev + rows)[:, None] * (5 * H) + 4 * H + hc[None, :], mask=from_prev,
-                             other=0.0)
-            c_prev += tl.load(C0 + rows[:, None] * H + hc[None, :], mask=hm & ~from_prev, other=0.0).to(tl.float32)
-            tc = _tanh(c)
-            dct = dc + dr * o * (1.0 - tc * tc)
-            d_i = dct * g * i * (1.0 - i)
-            d_f = dct * c_prev * f * (1.0 - f)
-            d_g = dct * i * (1.0 - g * g)
-            d_o = dr * tc * o * (1.0 - o)
-            tl.store(dp, d_i, mask=hm)
-            tl.store(dp + H, d_f, mask=hm)
-            tl.store(dp + 2 * H, d_g, mask=hm)
-            tl.store(dp + 3 * H, d_o, mask=hm)
-            dc = tl.where(active[:, None], dct * f, dc)
+            d_i, d_f, d_g, d_o, dc_prev = _lstm_gate_grads(Gates, C0, dGates, xrows, off_prev + rows, rows < n_prev,
+                                                           rows, hc, hm, H, dr, dc)
+            dc = tl.where(active[:, None], dc_prev, dc)
             if RESIDENT:
                 dty = w_i.dtype
                 dh_new = dot(d_i.to(dty), w_i, PREC) + dot(d_f.to(dty), w_f, PREC) + dot(d_g.to(dty), w_g, PREC)
@@ -432,12 +431,8 @@ def _seq_bwd_kernel(
                 dh_new = _rows_matmul(tl.zeros([BB, BP], tl.float32), dGates + xrows * (4 * H), active, Whh, 0, P,
                                       pc, pmask, 4 * H, PREC, BK)
         else:
-            h = tl.load(Out + xrows[:, None] * H + hc[None, :], mask=hm, other=0.0).to(tl.float32)
-            if CELL == 1:
-                d_pre = dr * (1.0 - h * h)
-            else:
-                d_pre = tl.where(h > 0.0, dr, 0.0)
-            tl.store(dp, d_pre, mask=hm)
+            d_pre = _rnn_pre_grad(Out, xrows, hc, hm, H, dr, CELL)
+            tl.store(dGates + xrows[:, None] * H + hc[None, :], d_pre, mask=hm)
             if RESIDENT:
                 dh_new = dot(d_pre.to(w_i.dtype), w_i, PREC)
             else:
@@ -533,22 +528,22 @@ def _step_fwd(cell, x, w_ih, xp, h_prev, h0, w_hh, b_ih, b_hh, cx, cy, out, gate
            PREC=precision(w_hh.dtype), BB=cfg.BB, BH=cfg.BH, BK=cfg.BK, num_warps=cfg.num_warps)
 
 
-def _step_bwd(cell, dh, dout, gates, c_prev, c0, out, dc, dgates, dcx, n_rows, n_prev, row0, cp_row0, dout_row0, H):
+def _step_bwd(cell, dh, dout, gates, c0, out, dc, dgates, dcx, n_rows, n_prev, row0, cp_row0, dout_row0, H):
     cfg = ELEMENTWISE_CONFIG
     any_t = dgates
     launch(_step_bwd_kernel, (triton.cdiv(n_rows, cfg.BB), triton.cdiv(H, cfg.BH)),
            dh, dout if dout is not None else any_t, gates if gates is not None else any_t,
-           c_prev if c_prev is not None else any_t, c0 if c0 is not None else any_t,
-           out if out is not None else any_t, dc if dc is not None else any_t, dgates,
+           c0 if c0 is not None else any_t, out if out is not None else any_t, dc if dc is not None else any_t, dgates,
            dcx if dcx is not None else any_t, n_rows, n_prev, row0, cp_row0, dout_row0, H,
            CELL=cell, HAS_DOUT=dout is not None, BB=cfg.BB, BH=cfg.BH, num_warps=cfg.num_warps)
 
 
-def _weight_grads(dgates: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor):
-    """(grad input, grad h_prev, grad W_ih, grad W_hh, grad bias) from the gate gradients (rows, G*H)."""
+def _weight_grads(dgates: Tensor, x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor, with_grad_h: bool = True):
+    """(grad input, grad h_prev or None, grad W_ih, grad W_hh, grad bias) from the gate gradients (rows, G*H) of
+    rows whose inputs are x and previous states h_prev."""
     d = dgates.to(w_ih.dtype) if w_ih.dtype != torch.float32 else dgates
     grad_x = matmul(d, w_ih, torch.empty_like(x))
-    grad_h = matmul(d, w_hh, torch.empty_like(h_prev))
+    grad_h = matmul(d, w_hh, torch.empty_like(h_prev)) if with_grad_h else None
     grad_w_ih = matmul(d.t(), x, torch.empty_like(w_ih))
     grad_w_hh = matmul(d.t(), h_prev, torch.empty_like(w_hh))
     return grad_x, grad_h, grad_w_ih, grad_w_hh, dgates.sum(0).to(w_ih.dtype)
@@ -582,7 +577,7 @@ def lstm_cell_bwd(grad_hy: Tensor, grad_cy: Tensor, input: Tensor, hx: Tensor, c
     dgates = input.new_empty(B, 4 * H, dtype=torch.float32)
     grad_cx = torch.empty_like(cx)
     if B:
-        _step_bwd(LSTM, grad_hy.contiguous(), None, gates, None, cx.contiguous(), None, grad_cy.contiguous(),
+        _step_bwd(LSTM, grad_hy.contiguous(), None, gates, cx.contiguous(), None, grad_cy.contiguous(),
                   dgates, grad_cx, B, 0, 0, 0, 0, H)
     grad_x, grad_hx, grad_w_ih, grad_w_hh, grad_b = _weight_grads(dgates, input, hx, w_ih, w_hh)
     return grad_x, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b
@@ -616,7 +611,7 @@ def rnn_cell_bwd(grad_hy: Tensor, input: Tensor, hx: Tensor, w_ih: Tensor, w_hh:
     B, H = hx.shape
     dgates = input.new_empty(B, H, dtype=torch.float32)
     if B:
-        _step_bwd(CELLS[nonlinearity], grad_hy.contiguous(), None, None, None, None, hy.contiguous(), None, dgates,
+        _step_bwd(CELLS[nonlinearity], grad_hy.contiguous(), None, None, None, hy.contiguous(), None, dgates,
                   None, B, 0, 0, 0, 0, H)
     return _weight_grads(dgates, input, hx, w_ih, w_hh)
 
@@ -652,21 +647,23 @@ def _last_rows(sizes, offsets, B, reverse, device) -> Tensor:
     """For each sequence, the packed row of its last step in this direction (forward: its own last step)."""
     if reverse:
         return torch.arange(B, device=device)
-    last = [0] * B
-    for t, (n, off) in enumerate(zip(sizes, offsets)):
-        for b in range(n):
-            last[b] = off + b
-    return torch.tensor(last, dtype=torch.int64).to(device)
+    sizes_t, offsets_t = torch.tensor(sizes), torch.tensor(offsets)
+    seqs = torch.arange(B)
+    lengths = (sizes_t[None, :] > seqs[:, None]).sum(1)  # sizes are non-increasing: sequence b runs lengths[b] steps
+    return (offsets_t[lengths - 1] + seqs).to(device)
 
 
 def _h_prev_rows(sizes, offsets, N, reverse, device) -> Tensor:
     """For each packed row, the row of [output; h0] holding its h_prev (N + b: sequence b's initial state)."""
-    index = [0] * N
-    for t, (n, off) in enumerate(zip(sizes, offsets)):
-        n_prev, off_prev = _previous(sizes, offsets, t, reverse)
-        for b in range(n):
-            index[off + b] = off_prev + b if b < n_prev else N + b
-    return torch.tensor(index, dtype=torch.int64).to(device)
+    T = len(sizes)
+    sizes_t, offsets_t = torch.tensor(sizes), torch.tensor(offsets)
+    step = torch.repeat_interleave(torch.arange(T), sizes_t)  # each row's time step
+    seq = torch.arange(N) - offsets_t[step]  # each row's sequence
+    prev = step + 1 if reverse else step - 1
+    has_prev = (prev >= 0) & (prev < T)
+    prev = prev.clamp(0, T - 1)
+    from_prev = has_prev & (seq < sizes_t[prev])
+    return torch.where(from_prev, offsets_t[prev] + seq, N + seq).to(device)
 
 
 def _seq_fwd(cell, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
@@ -754,19 +751,15 @@ def _seq_bwd(cell, grad_out, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih,
             if w_hr is not None:
                 torch.add(dh[:n], grad_out[off:off + n], out=dht[off:off + n])
                 dr = matmul(dht[off:off + n], w_hr.float(), dh.new_empty(n, H))
-                _step_bwd(cell, dr, None, gates, gates, c0c, out, dc, dgates, dc, n, n_prev, off, off_prev, 0, H)
+                _step_bwd(cell, dr, None, gates, c0c, out, dc, dgates, dc, n, n_prev, off, off_prev, 0, H)
             else:
-                _step_bwd(cell, dh, grad_out, gates, gates, c0c, out, dc, dgates, dc, n, n_prev, off, off_prev, off, H)
+                _step_bwd(cell, dh, grad_out, gates, c0c, out, dc, dgates, dc, n, n_prev, off, off_prev, off, H)
             matmul(dgates[off:off + n], w_dh, dh[:n])
         grad_h0.copy_(dh)
         if grad_c0 is not None:
             grad_c0.copy_(dc)
     h_prev = torch.cat([out, h0])[_h_prev_rows(sizes, offsets, N, reverse, device)]
-    d = dgates.to(w_ih.dtype) if w_ih.dtype != torch.float32 else dgates
-    grad_input = matmul(d, w_ih, torch.empty_like(input))
-    grad_w_ih = matmul(d.t(), input, torch.empty_like(w_ih))
-    grad_w_hh = matmul(d.t(), h_prev, torch.empty_like(w_hh))
-    grad_bias = dgates.sum(0).to(w_ih.dtype)
+    grad_input, _, grad_w_ih, grad_w_hh, grad_bias = _weight_grads(dgates, input, h_prev, w_ih, w_hh, False)
     grad_w_hr = None
     if w_hr is not None:
         r = (gates[:, 3 * H:4 * H] * torch.tanh(gates[:, 4 * H:])).to(w_hr.dtype)
