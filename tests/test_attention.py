@@ -61,7 +61,13 @@ def ours(q, k, v, **kw):
         return seqkernels.scaled_dot_product_attention(q, k, v, **kw)
 
 
-def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False):
+def error_rule(name, ours, theirs, exact, inputs):
+    assert_error_rule(name, ours, theirs, exact)
+
+
+def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False, fn=ours, rule=error_rule):
+    """fn (a backend's attention) against the float64 reference and torch in the same dtype: every result by
+    ``rule(name, ours, torch's, exact, (q, k, v, upstream))``, or to 1e-12 in float64."""
     q, k, v = make(qb, kb, L, S, E, Ev, dtype)
     mask = masks(qb, L, S, dtype)[mask_name] if mask_name else None
     if mask is not None and mask.is_floating_point():
@@ -69,9 +75,10 @@ def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False):
     upstream = torch.randn(*qb, L, Ev, dtype=torch.float64)
     q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     m64 = None if mask is None else (mask.detach().double().requires_grad_() if mask.is_floating_point() else mask)
-    got = run(ours, q, k, v, mask, causal, gqa, upstream)
+    got = run(fn, q, k, v, mask, causal, gqa, upstream)
     exact = run(reference.scaled_dot_product_attention, q64, k64, v64, m64, causal, gqa, upstream)
     names = ["out", "grad query", "grad key", "grad value", "grad mask"]
+    assert len(got) == len(exact)
     for a, b in zip(got, exact):
         assert not torch.isnan(a).any()
     if dtype == torch.float64:
@@ -81,7 +88,7 @@ def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False):
     theirs = run(F.scaled_dot_product_attention, q, k, v, mask, causal, gqa, upstream)  # torch, same dtype
     for n, a, b, c in zip(names, got, theirs, exact):
         assert a.dtype == dtype
-        assert_error_rule(n, a, b, c)
+        rule(n, a, b, c, (q, k, v, upstream))
 
 
 @pytest.mark.parametrize("qb, kb, L, S, E, Ev, gqa", SHAPES)

@@ -79,14 +79,21 @@ LAYER_CASES = [(k, nl, *case) for k, nl in KINDS for case in CASES if k == "lstm
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_layer_matches_reference(kind, nonlinearity, lengths, I, H, P, reverse, dtype):
+    compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, dtype, "cpu")
+
+
+def compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, dtype, backend):
+    """A backend's layer against the float64 reference: to 1e-9 in float64, else by the error rule against the
+    reference's torch ops in the same dtype; outputs and every gradient."""
     args, bs = make_layer(kind, lengths, I, H, P, dtype, noncontiguous=(H % 2 == 1))
     args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
     N, B, Pout = int(bs.sum()), len(lengths), P or H
     upstream = [torch.randn(N, Pout, dtype=torch.float64), torch.randn(B, Pout, dtype=torch.float64)]
     if kind == "lstm":
         upstream.append(torch.randn(B, H, dtype=torch.float64))
-    ours = outputs_and_grads(kind, args, bs, reverse, "cpu", upstream, nonlinearity)
+    ours = outputs_and_grads(kind, args, bs, reverse, backend, upstream, nonlinearity)
     exact = outputs_and_grads(kind, args64, bs, reverse, "reference", upstream, nonlinearity)
+    assert len(ours[0] + ours[1]) == len(exact[0] + exact[1])
     if dtype == torch.float64:
         for i, (a, b) in enumerate(zip(ours[0] + ours[1], exact[0] + exact[1])):
             assert_close64(f"result {i}", a, b, tol=1e-9)

@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import seqkernels
 from seqkernels.ops.attention import reference
 
 from conftest import assert_error_rule
-from test_attention import make, masks, run
+import test_attention
+from test_attention import make, masks
 
 pytest.importorskip("triton")  # a listed dependency: this only skips where it cannot install (no wheel)
 
@@ -41,29 +41,19 @@ def triton_sdpa(q, k, v, **kw):
 
 
 def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False):
-    q, k, v = make(qb, kb, L, S, E, Ev, dtype)
-    mask = masks(qb, L, S, dtype)[mask_name] if mask_name else None
-    if mask is not None and mask.is_floating_point():
-        mask.requires_grad_()
-    upstream = torch.randn(*qb, L, Ev, dtype=torch.float64)
-    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    m64 = None if mask is None else (mask.detach().double().requires_grad_() if mask.is_floating_point() else mask)
-    got = run(triton_sdpa, q, k, v, mask, causal, gqa, upstream)
-    exact = run(reference.scaled_dot_product_attention, q64, k64, v64, m64, causal, gqa, upstream)
-    theirs = run(F.scaled_dot_product_attention, q, k, v, mask, causal, gqa, upstream)
-    assert len(got) == len(exact) == len(theirs)
-    for name, a, b, c in zip(["out", "grad query", "grad key", "grad value", "grad mask"], got, theirs, exact):
-        assert not torch.isnan(a).any(), name
-        assert a.dtype == dtype
+    def rule(name, ours, theirs, exact, inputs):
         if name == "grad key" and S == 1:
             # One key: its probability is 1 whatever the scores, so dK = scale * sum_i (dP_i - delta_i) q_i is zero
             # exactly, and what remains is the rounding of dP - delta (two sums of Ev products dO * V): bound it
             # by a few units of rounding of those sums, times |q| and the number of rows.
+            q, _, v, upstream = inputs
             terms = Ev * upstream.abs().max() * v.detach().double().abs().max() * q.detach().double().abs().max()
             bound = 8 * torch.finfo(dtype).eps * terms.item() * L / math.sqrt(E)
-            assert a.double().abs().max().item() <= bound, f"grad key with S = 1: {a.abs().max()} > {bound}"
-            continue
-        assert_error_rule(name, a, b, c)
+            assert ours.double().abs().max().item() <= bound, f"grad key with S = 1: {ours.abs().max()} > {bound}"
+            return
+        assert_error_rule(name, ours, theirs, exact)
+
+    test_attention.compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name, causal, fn=triton_sdpa, rule=rule)
 
 
 @pytest.mark.parametrize("qb, kb, L, S, E, Ev, gqa", SHAPES)

@@ -11,7 +11,7 @@ import torch
 import seqkernels
 
 from conftest import assert_error_rule
-from test_layers import call, make_layer, outputs_and_grads
+from test_layers import call, compare_layer, make_layer
 from test_modules import build, flatten_outputs, make_inputs
 
 pytest.importorskip("triton")  # a listed dependency: this only skips where it cannot install (no wheel)
@@ -31,33 +31,17 @@ KINDS = [("lstm", "tanh"), ("rnn", "tanh"), ("rnn", "relu")]
 LAYER_CASES = [(k, nl, *case) for k, nl in KINDS for case in CASES if k == "lstm" or not case[3]]
 
 
-def compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, dtype):
-    args, bs = make_layer(kind, lengths, I, H, P, dtype, noncontiguous=(H % 2 == 1))
-    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
-    N, B, Pout = int(bs.sum()), len(lengths), P or H
-    upstream = [torch.randn(N, Pout, dtype=torch.float64), torch.randn(B, Pout, dtype=torch.float64)]
-    if kind == "lstm":
-        upstream.append(torch.randn(B, H, dtype=torch.float64))
-    ours = outputs_and_grads(kind, args, bs, reverse, "triton", upstream, nonlinearity)
-    exact = outputs_and_grads(kind, args64, bs, reverse, "reference", upstream, nonlinearity)
-    plain = outputs_and_grads(kind, args, bs, reverse, "reference", upstream, nonlinearity)  # torch ops, same dtype
-    assert len(ours[0] + ours[1]) == len(exact[0] + exact[1])
-    for i, (a, b, c) in enumerate(zip(ours[0] + ours[1], plain[0] + plain[1], exact[0] + exact[1])):
-        assert a.dtype == dtype
-        assert_error_rule(f"result {i}", a, b, c)
-
-
 @pytest.mark.parametrize("kind, nonlinearity, lengths, I, H, P", LAYER_CASES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_layer_float32(kind, nonlinearity, lengths, I, H, P, reverse):
-    compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, torch.float32)
+    compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, torch.float32, "triton")
 
 
 @pytest.mark.parametrize("kind, nonlinearity, lengths, I, H, P",
                          [LAYER_CASES[i] for i in (1, 3, 4, 5, 6)] + [("rnn", "tanh", [7, 5, 5, 2, 1, 1], 6, 20, 0)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_half_types(kind, nonlinearity, lengths, I, H, P, dtype):
-    compare_layer(kind, nonlinearity, lengths, I, H, P, True, dtype)
+    compare_layer(kind, nonlinearity, lengths, I, H, P, True, dtype, "triton")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "tanh", "relu"])
