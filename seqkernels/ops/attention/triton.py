@@ -11,7 +11,9 @@ not visited), bool and float masks read through their broadcast strides, grouped
 reads key/value head h // group), dropout from Triton's Philox generator keyed by (seed, flat index in
 (Z, H, L, S)) and regenerated in backward, any L and S (edges masked), head dims up to 256 (padded to a power of
 two, masked), float16 / bfloat16 / float32 with float32 accumulation. float32 matmuls use 3xTF32, which keeps
-float32 accuracy on tensor cores.
+float32 accuracy on tensor cores; as it holds each operand twice, float32 past a head dim of 128 reads the first
+operand of q k^T and dO v^T from memory a few columns at a time (``_chunked_dot``) instead of keeping whole tiles
+in registers.
 
 Tensors are canonical (``function._canonical``): query (Z, H, L, E), key (Z, Hkv, S, E), value (Z, Hkv, S, Ev),
 contiguous; the mask is any (Z, H, L, S) view.
@@ -30,9 +32,6 @@ from torch import Tensor
 from ..triton_common import DTYPES, dot, dtype_reasons, launch, precision
 
 MAX_HEAD_DIM = 256
-# float32 runs its matmuls as 3xTF32, which needs about three times the registers: past a head dim of 128 no tile
-# compiles without spilling, so float32 stops there (seqkernels.triton_report checks every configuration).
-MAX_HEAD_DIM_FLOAT32 = 128
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -45,11 +44,10 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, L, S, mask_ptrs, qk_scale,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PREC: tl.constexpr):
-    """Scores in base 2 (q k^T * scale * log2 e, plus the float mask * log2 e) for a (BM, BN) tile: -inf where a
-    key is out of range, above the causal diagonal, or masked out."""
-    s = dot(q, k, PREC) * qk_scale
+def _scores(qk, offs_m, offs_n, L, S, mask_ptrs, qk_scale, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores in base 2 (q k^T * scale * log2 e, plus the float mask * log2 e) for a (BM, BN) tile from the
+    product q k^T: -inf where a key is out of range, above the causal diagonal, or masked out."""
+    s = qk * qk_scale
     valid = (offs_n[None, :] < S) & (offs_m[:, None] < L)
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -58,6 +56,24 @@ def _scores(q, k, offs_m, offs_n, L, S, mask_ptrs, qk_scale,
     if MASK_KIND == 2:
         s += tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _chunked_dot(A, offs_a, sa, NA, B, offs_b, sb, NB, D,
+                 BA: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr):
+    """sum over d < D of A[a, d] * B[b, d] for rows offs_a of A and offs_b of B (row strides sa, sb; rows past NA,
+    NB read as 0), loading DK columns at a time. Used where the whole (rows x head dim) first operand would not
+    fit in registers (float32 past a head dim of 128: 3xTF32 holds each operand twice, and a tensor-core first
+    operand is replicated in every warp)."""
+    acc = tl.zeros([BA, BB], tl.float32)
+    for c in range(0, BD, DK):
+        offs_d = c + tl.arange(0, DK)
+        a = tl.load(A + offs_a[:, None] * sa + offs_d[None, :], mask=(offs_a[:, None] < NA) & (offs_d[None, :] < D),
+                    other=0.0)
+        b = tl.load(B + offs_b[None, :] * sb + offs_d[:, None], mask=(offs_b[None, :] < NB) & (offs_d[:, None] < D),
+                    other=0.0)
+        acc += dot(a, b, PREC)
+    return acc
 
 
 @triton.jit
@@ -75,8 +91,10 @@ def _sdpa_fwd_kernel(
     smz, smh, sml, sms,
     H, L, S, E, EV, GROUP, qk_scale, p_drop, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DK: tl.constexpr,
 ):
+    """Output and log-sum-exp of one query tile. DK = 0 keeps the query tile in registers; DK > 0 reads q and k
+    DK head-dim columns at a time for q k^T (``_chunked_dot``)."""
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
     z = zh // H
@@ -86,8 +104,10 @@ def _sdpa_fwd_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     row = zh.to(tl.int64) * L + offs_m  # flat (z, h, i) index: dropout counters and the log-sum-exp
-    q = tl.load(Q + z * sqz + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
+    q_base = Q + z * sqz + h * sqh
+    if DK == 0:
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :],
+                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
     k_base = K + z * skz + hk * skh
     v_base = V + z * svz + hk * svh
     m_base = Mask + z * smz + h * smh + offs_m[:, None] * sml
@@ -100,9 +120,13 @@ def _sdpa_fwd_kernel(
         hi = tl.minimum(S, (pid_m + 1) * BM)  # key tiles wholly above the diagonal are never visited
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
-        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None],
-                    mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
-        s = _scores(q, k, offs_m, offs_n, L, S, m_base + offs_n[None, :] * sms, qk_scale, IS_CAUSAL, MASK_KIND, PREC)
+        if DK == 0:
+            k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None],
+                        mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
+            qk = dot(q, k, PREC)
+        else:
+            qk = _chunked_dot(q_base, offs_m, sql, L, k_base, offs_n, sks, S, E, BM, BN, BD, DK, PREC)
+        s = _scores(qk, offs_m, offs_n, L, S, m_base + offs_n[None, :] * sms, qk_scale, IS_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
         alpha = tl.math.exp2(m_i - m_safe)
@@ -149,10 +173,12 @@ def _sdpa_bwd_dkdv_kernel(
     smz, smh, sml, sms,
     H, HKV, L, S, E, EV, GROUP, qk_scale, scale, p_drop, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DK: tl.constexpr, DKV: tl.constexpr,
 ):
     """dK and dV of one key tile, over every query tile of every query head that reads this key/value head.
-    Works on transposed tiles (keys x queries) so that P^T and dS^T come out of the matmuls directly."""
+    Works on transposed tiles (keys x queries) so that P^T and dS^T come out of the matmuls directly. DK = 0 keeps
+    the k and v tiles in registers; DK > 0 reads k and q (v and dO: DKV) a few head-dim columns at a time for
+    k q^T and v dO^T."""
     pid_n = tl.program_id(0)
     zhk = tl.program_id(1)
     z = zhk // HKV
@@ -160,10 +186,13 @@ def _sdpa_bwd_dkdv_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    k = tl.load(K + z * skz + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
-                mask=(offs_n[:, None] < S) & (offs_d[None, :] < E), other=0.0)
-    v = tl.load(V + z * svz + hk * svh + offs_n[:, None] * svs + offs_dv[None, :],
-                mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0)
+    k_base = K + z * skz + hk * skh
+    v_base = V + z * svz + hk * svh
+    if DK == 0:
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_d[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_dv[None, :],
+                    mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     lo = 0
@@ -184,8 +213,12 @@ def _sdpa_bwd_dkdv_kernel(
                           mask=(offs_m[None, :] < L) & (offs_dv[:, None] < EV), other=0.0)
             lse2 = tl.load(Lse + row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
             delta = tl.load(Delta + row, mask=offs_m < L, other=0.0)
+            if DK == 0:
+                kq = dot(k, qT, PREC)
+            else:
+                kq = _chunked_dot(k_base, offs_n, sks, S, q_base, offs_m, sql, L, E, BN, BM, BD, DK, PREC)
             # s^T (keys x queries): the same masking as _scores, transposed.
-            sT = dot(k, qT, PREC) * qk_scale
+            sT = kq * qk_scale
             valid = (offs_n[:, None] < S) & (offs_m[None, :] < L)
             if IS_CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :])
@@ -194,7 +227,10 @@ def _sdpa_bwd_dkdv_kernel(
             if MASK_KIND == 2:
                 sT += tl.load(m_base + offs_m[None, :] * sml, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
             pT = tl.where(valid, tl.math.exp2(sT - lse2[None, :]), 0.0)
-            dpT = dot(v, doT, PREC)
+            if DK == 0:
+                dpT = dot(v, doT, PREC)
+            else:
+                dpT = _chunked_dot(v_base, offs_n, svs, S, o_base, offs_m, sol, L, EV, BN, BM, BDV, DKV, PREC)
             if DROPOUT:
                 keepT = _keep(seed, zh, offs_m[None, :], offs_n[:, None], p_drop)
                 inv_keep = 1.0 / (1.0 - p_drop)
@@ -202,9 +238,9 @@ def _sdpa_bwd_dkdv_kernel(
                 dpT = tl.where(keepT, dpT * inv_keep, 0.0)
             else:
                 pdT = pT
-            dv += dot(pdT.to(v.dtype), tl.trans(doT), PREC)
+            dv += dot(pdT.to(doT.dtype), tl.trans(doT), PREC)
             dsT = pT * (dpT - delta[None, :])
-            dk += dot(dsT.to(k.dtype), tl.trans(qT), PREC)
+            dk += dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     tl.store(dK + z * skz + hk * skh + offs_n[:, None] * sks + offs_d[None, :], (dk * scale).to(dK.dtype.element_ty),
              mask=(offs_n[:, None] < S) & (offs_d[None, :] < E))
     tl.store(dV + z * svz + hk * svh + offs_n[:, None] * svs + offs_dv[None, :], dv.to(dV.dtype.element_ty),
@@ -218,10 +254,12 @@ def _sdpa_bwd_dq_kernel(
     smz, smh, sml, sms,
     H, L, S, E, EV, GROUP, qk_scale, scale, p_drop, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, DK: tl.constexpr,
+    DKV: tl.constexpr,
 ):
     """dQ of one query tile over its key tiles; with MASK_GRAD, the float mask's gradient dS, written to a
-    contiguous (Z, H, L, S) float32 tensor (tiles above the causal diagonal stay as allocated: zero)."""
+    contiguous (Z, H, L, S) float32 tensor (tiles above the causal diagonal stay as allocated: zero). DK = 0 keeps
+    the q and dO tiles in registers; DK > 0 reads them a few head-dim columns at a time (as the dK/dV pass)."""
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
     z = zh // H
@@ -231,10 +269,13 @@ def _sdpa_bwd_dq_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     row = zh.to(tl.int64) * L + offs_m
-    q = tl.load(Q + z * sqz + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(dOut + z * soz + h * soh + offs_m[:, None] * sol + offs_dv[None, :],
-                 mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0)
+    q_base = Q + z * sqz + h * sqh
+    o_base = dOut + z * soz + h * soh
+    if DK == 0:
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :],
+                    mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
+        do = tl.load(o_base + offs_m[:, None] * sol + offs_dv[None, :],
+                     mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0)
     lse2 = tl.load(Lse + row, mask=offs_m < L, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + row, mask=offs_m < L, other=0.0)
     k_base = K + z * skz + hk * skh
@@ -248,15 +289,22 @@ def _sdpa_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BN)
         kT = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None],
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * svs + offs_dv[:, None],
-                     mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
-        s = _scores(q, kT, offs_m, offs_n, L, S, m_base + offs_n[None, :] * sms, qk_scale, IS_CAUSAL, MASK_KIND, PREC)
+        if DK == 0:
+            vT = tl.load(v_base + offs_n[None, :] * svs + offs_dv[:, None],
+                         mask=(offs_n[None, :] < S) & (offs_dv[:, None] < EV), other=0.0)
+            qk = dot(q, kT, PREC)
+        else:
+            qk = _chunked_dot(q_base, offs_m, sql, L, k_base, offs_n, sks, S, E, BM, BN, BD, DK, PREC)
+        s = _scores(qk, offs_m, offs_n, L, S, m_base + offs_n[None, :] * sms, qk_scale, IS_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = dot(do, vT, PREC)
+        if DK == 0:
+            dp = dot(do, vT, PREC)
+        else:
+            dp = _chunked_dot(o_base, offs_m, sol, L, v_base, offs_n, svs, S, EV, BM, BN, BDV, DKV, PREC)
         if DROPOUT:
             dp = tl.where(_keep(seed, zh, offs_m[:, None], offs_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(q.dtype), tl.trans(kT), PREC)
+        dq += dot(ds.to(kT.dtype), tl.trans(kT), PREC)
         if MASK_GRAD:
             tl.store(dMask + row[:, None] * S + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
@@ -289,6 +337,11 @@ class Config:
     BN: int
     num_warps: int
     num_stages: int
+    chunk: int = 0  # > 0: q k^T and dO v^T read the head dim this many columns at a time (_chunked_dot)
+
+    def chunks(self, block_d: int, block_dv: int) -> dict:
+        """The kernels' DK and DKV for these padded head dims (0: whole tiles in registers)."""
+        return dict(DK=min(self.chunk, block_d), DKV=min(self.chunk, block_dv))
 
 
 # Per kernel: (padded head dim, float32?, with mask or dropout?) -> configuration. Chosen, largest tiles first,
@@ -306,6 +359,8 @@ CONFIGS: Dict[str, Dict[Tuple[int, bool, bool], Config]] = {
         (64, True, True): Config(64, 32, 8, 2),
         (128, True, False): Config(32, 32, 4, 2),
         (128, True, True): Config(32, 32, 8, 1),
+        (256, True, False): Config(32, 32, 8, 1, chunk=32),
+        (256, True, True): Config(32, 32, 8, 1, chunk=32),
     },
     # dkdv: BN is the program's own key tile, BM the query tiles it walks.
     "dkdv": {
@@ -319,11 +374,14 @@ CONFIGS: Dict[str, Dict[Tuple[int, bool, bool], Config]] = {
         (64, True, True): Config(32, 32, 8, 1),
         (128, True, False): Config(16, 16, 4, 1),
         (128, True, True): Config(32, 16, 8, 1),
+        (256, True, False): Config(16, 32, 8, 1, chunk=32),
+        (256, True, True): Config(16, 16, 8, 1, chunk=32),
     },
 }
 # dq mirrors dkdv: its own tile is a query tile (BM), and it walks key tiles (BN).
-CONFIGS["dq"] = {key: Config(c.BN, c.BM, c.num_warps, c.num_stages) for key, c in CONFIGS["dkdv"].items()}
+CONFIGS["dq"] = {key: Config(c.BN, c.BM, c.num_warps, c.num_stages, c.chunk) for key, c in CONFIGS["dkdv"].items()}
 CONFIGS["dq"][(128, True, True)] = Config(16, 16, 8, 2)
+CONFIGS["dq"][(256, True, True)] = Config(32, 16, 8, 1, chunk=32)
 DELTA_BLOCK_M = 32
 
 
@@ -340,9 +398,8 @@ def config(kernel: str, block_d: int, dtype: torch.dtype, heavy: bool) -> Config
 
 def supports(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> List[str]:
     why = dtype_reasons(query.dtype)
-    limit = MAX_HEAD_DIM_FLOAT32 if query.dtype == torch.float32 else MAX_HEAD_DIM
-    if query.shape[-1] > limit or value.shape[-1] > limit:
-        why.append(f"the triton kernels take head dims up to {limit} in {query.dtype}, got {query.shape[-1]} and "
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        why.append(f"the triton kernels take head dims up to {MAX_HEAD_DIM}, got {query.shape[-1]} and "
                    f"{value.shape[-1]}")
     return why
 
@@ -380,7 +437,8 @@ def sdpa_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tens
         query, key, value, mask_t, out, lse, *strides,
         H, L, S, E, EV, H // HKV, scale * LOG2E, dropout_p, seed,
         IS_CAUSAL=is_causal, MASK_KIND=kind, DROPOUT=dropout_p > 0.0, PREC=precision(query.dtype),
-        BM=cfg.BM, BN=cfg.BN, BD=BD, BDV=BDV, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BN=cfg.BN, BD=BD, BDV=BDV, DK=cfg.chunks(BD, BDV)["DK"], num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -415,13 +473,13 @@ def sdpa_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, attn_m
     launch(_sdpa_bwd_dkdv_kernel, (triton.cdiv(S, cfg.BN), Z * HKV),
         query, key, value, mask_t, grad_out, lse, delta, dk, dv, *strides,
         H, HKV, L, S, E, EV, H // HKV, scale * LOG2E, scale, dropout_p, seed, **flags,
-        BM=cfg.BM, BN=cfg.BN, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BN=cfg.BN, **cfg.chunks(BD, BDV), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = config("dq", max(BD, BDV), query.dtype, heavy)
     launch(_sdpa_bwd_dq_kernel, (triton.cdiv(L, cfg.BM), Z * H),
         query, key, value, mask_t, grad_out, lse, delta, dq, dmask, *strides,
         H, L, S, E, EV, H // HKV, scale * LOG2E, scale, dropout_p, seed, MASK_GRAD=mask_grad, **flags,
-        BM=cfg.BM, BN=cfg.BN, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BN=cfg.BN, **cfg.chunks(BD, BDV), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv, dmask
 
@@ -460,7 +518,7 @@ def report_cases():
         return run
 
     for dtype in DTYPES:
-        for dim in (64, 128, 256) if dtype != torch.float32 else (64, 128):
+        for dim in (64, 128, 256):
             yield case(dtype, dim, False, MASK_NONE, 0.0)
             yield case(dtype, dim, True, MASK_FLOAT, 0.1)
             yield case(dtype, dim, False, MASK_BOOL, 0.0)
