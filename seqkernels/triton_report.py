@@ -4,7 +4,10 @@ Each Triton op module lists report cases (``report_cases()``): calls of its laun
 launch configuration the launchers can choose (block sizes, warps, stages, and the code variants: dtypes, causal,
 masks, dropout). The cases run with launches recorded instead of executed (``triton_common.recording``); each
 distinct launch is then compiled with Triton for sm_80 and sm_90 exactly as the launcher would have launched it
-(same specialization of its arguments), and ptxas reports its registers and spills.
+(same specialization of its arguments), and ptxas reports its registers and spills. Triton also specializes integer
+arguments on their values (equal to 1, divisible by 16), which the report cases' sizes cannot all reach at once: so
+each launch is compiled a second time with every integer argument generic ("ints generic" in the config column),
+the code that sizes and strides of no special value get.
 
 The table lists: kernel, config, arch, registers, spill bytes (stores + loads), shared memory, and the tensor-core
 instructions in the PTX (``mma`` on sm_80, ``wgmma`` on sm_90). Exit status 1 when a kernel fails to compile,
@@ -56,14 +59,21 @@ class Row:
         return found
 
 
-def _describe(kernel, args, meta) -> str:
+def _describe(kernel, args, meta, generic: bool = False) -> str:
     """The launch's configuration: its constexprs and options, and the dtypes of its tensors."""
     import torch
 
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)
                      and a.is_floating_point()})
     parts = [f"{k}={v}" for k, v in meta.items()]
-    return " ".join(parts + ["/".join(dtypes)])
+    return " ".join(parts + ["/".join(dtypes)] + (["ints generic"] if generic else []))
+
+
+GENERIC_INT = 3  # neither 1 nor a multiple of 16: the integer value Triton specializes nothing for
+
+
+def _generic(args) -> tuple:
+    return tuple(GENERIC_INT if type(a) is int else a for a in args)
 
 
 def _key(kernel, args, meta, arch):
@@ -98,9 +108,12 @@ def _ptxas_usage(ptx: str, arch: int) -> Tuple[int, int]:
     return regs, spills
 
 
-def compile_launch(kernel, args, meta, arch: int) -> Row:
-    """Compile one recorded launch for sm_<arch> and measure it."""
-    row = Row(kernel.__name__, _describe(kernel, args, meta), arch)
+def compile_launch(kernel, args, meta, arch: int, generic: bool = False) -> Row:
+    """Compile one recorded launch for sm_<arch> (with ``generic``, its integer arguments made generic) and
+    measure it."""
+    row = Row(kernel.__name__, _describe(kernel, args, meta, generic), arch)
+    if generic:
+        args = _generic(args)
     start = time.perf_counter()
     try:
         import triton
@@ -122,9 +135,9 @@ def compile_launch(kernel, args, meta, arch: int) -> Row:
 
 
 def _compile(job) -> Row:
-    module_name, index, arch = job
+    module_name, index, arch, generic = job
     kernel, args, meta = _launches(module_name)[index]
-    return compile_launch(kernel, args, meta, arch)
+    return compile_launch(kernel, args, meta, arch, generic)
 
 
 _cache: Dict[str, list] = {}
@@ -151,6 +164,11 @@ def _launches(module_name: str) -> list:
     return _cache[module_name]
 
 
+def _has_specialized_ints(args) -> bool:
+    """Whether Triton specializes any integer argument of this launch (equal to 1, or divisible by 16)."""
+    return any(type(a) is int and (a == 1 or a % 16 == 0) for a in args)
+
+
 def _signature_key(args) -> tuple:
     import torch
 
@@ -171,8 +189,10 @@ def main(argv=None) -> int:
     for module_name in MODULES:
         for index, (kernel, args, meta) in enumerate(_launches(module_name)):
             if opts.filter in kernel.__name__:
-                for arch in ARCHS:
-                    jobs.append((module_name, index, arch))
+                variants = [False, True] if _has_specialized_ints(args) else [False]
+                for generic in variants:
+                    for arch in ARCHS:
+                        jobs.append((module_name, index, arch, generic))
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         rows = list(pool.map(_compile, jobs))
@@ -187,7 +207,8 @@ def main(argv=None) -> int:
         smem = f"{row.shared / 1024:.1f}" if row.shared >= 0 else "-"
         print(f"{row.kernel:<24} sm_{row.arch:<3} {row.registers:>4} {row.spills:>5} {smem:>8} {row.tensor_cores:<6}  "
               f"{row.config}" + (f"  <- {'; '.join(problems)}" if problems else ""))
-    print(f"\n{len(rows)} compilations ({len(rows) // len(ARCHS)} launch configurations x sm_80, sm_90) in "
+    print(f"\n{len(rows)} compilations ({len(rows) // len(ARCHS)} launch configurations and integer "
+          f"specializations x sm_80, sm_90) in "
           f"{time.perf_counter() - start:.0f} s: {failed} with problems")
     return 1 if failed else 0
 

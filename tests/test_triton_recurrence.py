@@ -16,8 +16,9 @@ from test_modules import build, flatten_outputs, make_inputs
 
 import triton  # noqa: E402,F401  (a listed dependency: a missing triton fails these tests, never skips them)
 
-# (lengths, input_size, hidden_size, proj_size). float32 weights stay resident up to a padded hidden size of 32
-# (bfloat16: 64); 40 pads to 64; 130 runs step by step.
+# (lengths, input_size, hidden_size, proj_size). Recurrent weights up to 128 KiB are resident (float32 LSTM: a
+# padded hidden size of 64; 40 pads to 64, 100 to 128); 130 runs step by step. test_cases_reach_every_path checks
+# which case takes which path.
 CASES = [
     ([1], 3, 5, 0),
     ([7, 5, 5, 2, 1, 1], 6, 20, 0),
@@ -37,8 +38,31 @@ def test_layer_float32(kind, nonlinearity, lengths, I, H, P, reverse):
     compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("kind, nonlinearity, lengths, I, H, P",
-                         [LAYER_CASES[i] for i in (1, 3, 4, 5, 6)] + [("rnn", "tanh", [7, 5, 5, 2, 1, 1], 6, 20, 0)])
+# 16-bit weights: hidden 100 alone (128 KiB) is resident; with a projection to 70 (160 KiB) they are re-read.
+HALF_CASES = [LAYER_CASES[i] for i in (1, 3, 4, 5, 6)] + [("lstm", "tanh", [4, 2, 1], 5, 100, 70),
+                                                          ("rnn", "tanh", [7, 5, 5, 2, 1, 1], 6, 20, 0)]
+
+
+def path(kind, H, P, dtype):
+    """Which recurrence path the Triton sequence launchers take for a layer."""
+    from seqkernels.ops.lstm import triton as kernels
+
+    width = P or H
+    if not kernels.use_persistent(H, width, dtype, bool(P)):
+        return "step by step"
+    cfg = kernels.persistent_config("fwd", 4 if kind == "lstm" else 1, kernels.dim_block(H), kernels.dim_block(width),
+                                    dtype, bool(P))
+    return "persistent, resident" if cfg.resident else "persistent, re-read"
+
+
+def test_cases_reach_every_path():
+    every = {"step by step", "persistent, resident", "persistent, re-read"}
+    assert {path(k, H, P, torch.float32) for k, _, _, _, H, P in LAYER_CASES} == every
+    for dtype in (torch.bfloat16, torch.float16):
+        assert {path(k, H, P, dtype) for k, _, _, _, H, P in HALF_CASES} == every
+
+
+@pytest.mark.parametrize("kind, nonlinearity, lengths, I, H, P", HALF_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_half_types(kind, nonlinearity, lengths, I, H, P, dtype):
     compare_layer(kind, nonlinearity, lengths, I, H, P, True, dtype, "triton")

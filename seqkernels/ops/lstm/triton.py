@@ -10,7 +10,8 @@ The same launcher interface as the C++ kernels (``cpu.py``), so the autograd Fun
   input projection of all steps is one matmul (biases folded in); the recurrence then runs either
   * persistently (hidden and projection sizes up to ``PERSISTENT_MAX``): ``_seq_fwd_kernel``, one program per
     block of sequences, runs every time step in one launch with h and c in registers, and the recurrent weights
-    loaded on chip once where they fit in registers (``resident``), else re-read each step from L2; or
+    loaded once into shared memory where they fit (``persistent_config``: up to 128 KiB, so hidden 128 in
+    float16/bfloat16 and 64 in float32), else re-read each step from L2; or
   * step by step: one ``_step_fwd_kernel`` launch per time step, the hidden size split across programs.
   Backward through time mirrors it (``_seq_bwd_kernel``, or ``_step_bwd_kernel`` + a matmul per step); the
   input and weight gradients are matmuls over all time steps at once.
@@ -34,7 +35,10 @@ from ..triton_common import DTYPES, dot, dtype_reasons, launch, precision
 LSTM, RNN_TANH, RNN_RELU = 0, 1, 2
 CELLS = {"lstm": LSTM, "tanh": RNN_TANH, "relu": RNN_RELU}
 PERSISTENT_MAX = 128  # hidden / projection sizes the persistent kernels take
-RESIDENT_BYTES = 32 * 1024  # recurrent weights up to this size stay in registers for the whole sequence
+# Recurrent weights (W_hh, plus W_hr with a projection) up to this size are loaded on chip once per block of
+# sequences. Triton keeps a loop-invariant matmul operand in shared memory, loaded before the loop: 128 KiB leaves
+# room for the kernels' own scratch within the 163 KiB an sm_80 block may use.
+RESIDENT_BYTES = 128 * 1024
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -284,7 +288,8 @@ def _seq_fwd_kernel(
     BK: tl.constexpr,
 ):
     """The whole recurrence in one launch for sequences [pid * BB, pid * BB + BB): h (BB, P) and c (BB, H) stay in
-    registers across steps; the recurrent weights too when RESIDENT. XP holds the input projections (biases
+    registers across steps; with RESIDENT, the recurrent weights are loaded once (the compiler keeps them in shared
+    memory) instead of read from memory each step in BK-wide slices. XP holds the input projections (biases
     included) of the packed rows; step t's rows start at Offsets[t] and number BatchSizes[t]."""
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
@@ -461,27 +466,41 @@ STEP_CONFIG = {False: Config(16, 64, 32, 4), True: Config(16, 32, 16, 4)}  # flo
 ELEMENTWISE_CONFIG = Config(16, 64, 0, 4)
 MATMUL_CONFIG = {False: (64, 64, 32, 4), True: (64, 64, 32, 4)}  # float32? -> (BM, BN, BK, num_warps)
 PERSISTENT_BB = 16
-PERSISTENT_BK = 32  # slices of the recurrent matmul when the weights are re-read each step
 
 
-def persistent_warps(block_h: int, block_p: int, dtype: torch.dtype) -> int:
-    """Warps of the persistent kernels: more for wider states, and for float32 (3xTF32 holds more registers)."""
-    return 8 if dtype == torch.float32 or max(block_h, block_p) > 64 else 4
+@dataclass(frozen=True)
+class PersistentConfig:
+    resident: bool  # the recurrent weights loaded on chip once, not re-read each step
+    num_warps: int
+    num_stages: int
+    BK: int = 16  # slices of the recurrent matmul when the weights are re-read each step
+
+
+def persistent_config(kernel: str, gates: int, block_h: int, block_p: int, dtype: torch.dtype,
+                      has_proj: bool) -> PersistentConfig:
+    """The persistent kernel's ("fwd" or "bwd") variant for a layer. The weights are resident when they take at most
+    RESIDENT_BYTES; the loads are then not software-pipelined (their buffers would not fit beside the weights).
+    16-bit states wider than 64 take 16 warps, so that each warp holds a 1/16 slice of the gate columns; float32
+    takes 8 (3xTF32 holds each operand twice). Each choice compiles without spills for sm_80 and sm_90, also with
+    sizes that are not multiples of 16 (seqkernels.triton_report)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = (gates * block_h * block_p + (block_h * block_p if has_proj else 0)) * size
+    if weights <= RESIDENT_BYTES:
+        if size == 4:
+            return PersistentConfig(True, 8, 1)
+        return PersistentConfig(True, 16 if max(block_h, block_p) > 64 else 4, 1)
+    if size == 2:
+        return PersistentConfig(False, 8, 3)
+    return PersistentConfig(False, 8 if kernel == "fwd" else 16, 1)
 
 
 def dim_block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def resident(gates: int, block_h: int, block_p: int, dtype: torch.dtype, has_proj: bool) -> bool:
-    """Whether the recurrent weights (and W_hr) stay in registers for the whole sequence."""
-    elems = gates * block_h * block_p + (block_h * block_p if has_proj else 0)
-    return elems * torch.tensor([], dtype=dtype).element_size() <= RESIDENT_BYTES
-
-
 def use_persistent(hidden: int, proj: int, dtype: torch.dtype, has_proj: bool) -> bool:
-    """Whether the persistent kernels take this layer. float32 with a projection keeps W_hr (3xTF32 operands) in
-    registers, which spills past a padded hidden size of 64: those layers run step by step."""
+    """Whether the persistent kernels take this layer. float32 with a projection past a padded hidden size of 64
+    (3xTF32 operands of W_hh slices and W_hr at once) spills registers: those layers run step by step."""
     if has_proj and dtype == torch.float32 and dim_block(hidden) > 64:
         return False
     return hidden <= PERSISTENT_MAX and proj <= PERSISTENT_MAX
@@ -689,12 +708,13 @@ def _seq_fwd(cell, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, rev
     h0, c0 = h0.contiguous(), (c0.contiguous() if c0 is not None else None)
     if use_persistent(H, P, w_hh.dtype, w_hr is not None):
         BH, BP = dim_block(H), dim_block(P)
+        cfg = persistent_config("fwd", G, BH, BP, w_hh.dtype, w_hr is not None)
         launch(_seq_fwd_kernel, (triton.cdiv(B, PERSISTENT_BB),),
                xp, h0, c0 if c0 is not None else h0, w_hh, w_hr.contiguous() if w_hr is not None else w_hh, out, h_n,
                c_n if c_n is not None else h_n, gates, sizes_d, offsets_d, len(sizes), B, H, P,
                CELL=cell, HAS_PROJ=w_hr is not None, REVERSE=reverse, SAVE=bool(gates.shape[0]),
-               RESIDENT=resident(G, BH, BP, w_hh.dtype, w_hr is not None), PREC=precision(w_hh.dtype),
-               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP, w_hh.dtype))
+               RESIDENT=cfg.resident, PREC=precision(w_hh.dtype), BB=PERSISTENT_BB, BH=BH, BP=BP, BK=cfg.BK,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, h_n, c_n, gates
     c_state = c0.to(torch.float32, copy=True) if cell == LSTM else None
     r = input.new_empty(N, H) if w_hr is not None else out  # o * tanh(c) before the projection
@@ -733,13 +753,14 @@ def _seq_bwd(cell, grad_out, grad_hn, grad_cn, input, batch_sizes, h0, c0, w_ih,
             grad_c0.copy_(grad_cn)
     elif use_persistent(H, P, w_hh.dtype, w_hr is not None):
         BH, BP = dim_block(H), dim_block(P)
+        cfg = persistent_config("bwd", G, BH, BP, w_hh.dtype, w_hr is not None)
         launch(_seq_bwd_kernel, (triton.cdiv(B, PERSISTENT_BB),),
                grad_out, grad_hn.contiguous(), grad_cn.contiguous() if grad_cn is not None else grad_hn, gates, out,
                c0c if c0c is not None else h0, w_hh, w_hr.contiguous() if w_hr is not None else w_hh, dgates, dht,
                grad_h0, grad_c0 if grad_c0 is not None else grad_h0, sizes_d, offsets_d, len(sizes), B, H, P,
                CELL=cell, HAS_PROJ=w_hr is not None, REVERSE=reverse,
-               RESIDENT=resident(G, BH, BP, w_hh.dtype, w_hr is not None), PREC=precision(w_hh.dtype),
-               BB=PERSISTENT_BB, BH=BH, BP=BP, BK=PERSISTENT_BK, num_warps=persistent_warps(BH, BP, w_hh.dtype))
+               RESIDENT=cfg.resident, PREC=precision(w_hh.dtype), BB=PERSISTENT_BB, BH=BH, BP=BP, BK=cfg.BK,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         dh = grad_hn.to(torch.float32, copy=True)
         dc = grad_cn.to(torch.float32, copy=True) if cell == LSTM else None
@@ -859,7 +880,7 @@ def report_cases():
         return run
 
     for dtype in DTYPES:
-        for hidden, proj in ((64, None), (128, None), (100, 64), (256, None), (256, 128)):
+        for hidden, proj in ((32, None), (64, None), (128, None), (100, 64), (128, 128), (256, None), (256, 128)):
             yield sequence("lstm", dtype, hidden, proj)
         for hidden in (64, 128, 256):
             yield sequence("tanh", dtype, hidden, None)
