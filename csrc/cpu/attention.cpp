@@ -223,7 +223,7 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
             std::fill(row, row + Bc, T(0));
             continue;
           }
-          const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
+          const T alpha = m[r] == m_new ? T(1) : (m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new));
           const T sum = vec_math::exp_shifted_sum(row, cols, m_new);  // the normalizer counts dropped ones too
           std::fill(row + cols, row + Bc, T(0));
           if (dr.active()) {

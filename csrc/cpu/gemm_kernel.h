@@ -90,13 +90,13 @@ inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, in
   }
 }
 
-// Columns [n0, n0 + NR vectors) of one K panel, all row blocks.
-template <typename T, int NR>
+// Columns [n0, n0 + NR vectors) of one K panel, all row blocks (of MR rows, then the remainder).
+template <typename T, int NR, int MR = kRowBlock>
 inline void column_block(int64_t M, int64_t n0, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool acc) {
   int64_t m0 = 0;
-  for (; m0 + kRowBlock <= M; m0 += kRowBlock)
-    micro_kernel<T, kRowBlock, NR>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+  for (; m0 + MR <= M; m0 += MR)
+    micro_kernel<T, MR, NR>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
   rows_remainder<T, NR>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
 }
 
@@ -106,9 +106,14 @@ inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, con
                   int64_t ldc, bool acc) {
   constexpr int64_t L = lanes<T>();
   int64_t n0 = 0;
-  // Full blocks, but not when exactly 4 vectors are left: 2 + 2 beats 3 + 1.
+  // Full blocks, but not when exactly 4 vectors are left (a head dim of 64 floats with AVX-512): those take one
+  // block of 6 rows x 4 vectors, as many accumulators as 8 x 3, where 3 + 1 or 2 + 2 would be narrower.
   for (; n0 + NR * L <= Nc && !(NR == 3 && Nc - n0 == 4 * L); n0 += NR * L)
     column_block<T, NR>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  if (NR == 3 && Nc - n0 == 4 * L) {
+    column_block<T, 4, 6>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+    n0 += 4 * L;
+  }
   for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
   for (; n0 < Nc; n0 += L) column_block<T, 1>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
 }

@@ -64,6 +64,28 @@ inline vfloat16 tanh16(vfloat16 x) {
   return ax < 0.625f ? small : large;
 }
 
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+
+// Horizontal sum and max of the 16 lanes: halves combined pairwise (a fixed order, 4 steps deep rather than a
+// chain of 15 dependent scalar operations).
+inline float hsum16(vfloat16 v) {
+  const vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vfloat4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float hmax16(vfloat16 v) {
+  const vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vfloat8 c = a > b ? a : b;
+  const vfloat4 d = __builtin_shufflevector(c, c, 0, 1, 2, 3), e = __builtin_shufflevector(c, c, 4, 5, 6, 7);
+  const vfloat4 f = d > e ? d : e;
+  const float g = f[0] > f[2] ? f[0] : f[2], h = f[1] > f[3] ? f[1] : f[3];
+  return g > h ? g : h;
+}
+
 template <typename F>
 inline void map_float(const float* in, float* out, int64_t n, F f) {
   int64_t i = 0;
@@ -95,13 +117,12 @@ inline float max(const float* x, int64_t n) {
     std::memcpy(&v, x + i, sizeof v);
     m = v > m ? v : m;
   }
-  float r = neg_inf;
-  for (int k = 0; k < 16; ++k) r = m[k] > r ? m[k] : r;
+  float r = hmax16(m);
   for (; i < n; ++i) r = x[i] > r ? x[i] : r;
   return r;
 }
 
-// x[i] = exp(x[i] - shift) in place; returns their sum (lane partials added in a fixed order).
+// x[i] = exp(x[i] - shift) in place; returns their sum (lane partials added in a fixed order: hsum16).
 inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   vfloat16 acc{};
   int64_t i = 0;
@@ -119,9 +140,7 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
     std::memcpy(x + i, &v, (n - i) * sizeof(float));
     acc += v;
   }
-  float sum = 0.0f;
-  for (int k = 0; k < 16; ++k) sum += acc[k];
-  return sum;
+  return hsum16(acc);
 }
 
 inline double max(const double* x, int64_t n) {
