@@ -125,15 +125,11 @@ void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
 }
 
 // Backward of one pair of tiles after S and P: turns dP = dO V^T into dS = P * (dP * Z - D), where Z is the
-// dropout factor (1 without dropout), and, when Tt is given (dV is wanted), writes P * Z transposed into Tt.
+// dropout factor (1 without dropout), and with dropout writes P * Z into Pd (for dV).
 template <typename T>
 void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
-                         int64_t s0, const T* Drow, const Dropout& dr, T* Tt, int64_t ldt, T* Pd) {
+                         int64_t s0, const T* Drow, const Dropout& dr, T* Pd) {
   if (!dr.active()) {
-    if (Tt) {
-      std::fill(Tt, Tt + cols * ldt, T(0));
-      transpose(P, ld, rows, cols, Tt, ldt);
-    }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] - Drow[row0 + r]);
     return;
@@ -145,10 +141,6 @@ void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, 
       dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z[c] - Drow[row0 + r]);
       z[c] *= P[r * ld + c];
     }
-  }
-  if (Tt) {
-    std::fill(Tt, Tt + cols * ldt, T(0));
-    transpose(Pd, ld, rows, cols, Tt, ldt);
   }
 }
 
@@ -255,7 +247,6 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
   const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + Bc - 1) / Bc;
   const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
-  const int64_t Brp = round_up(kQueryTile, L_);
   const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);    // (heads, E, Sp)
   const Tensor Vt_all = pack_heads_transposed(v, d.Z * d.Hkv, d.S, d.Ev, Sp, like);   // (heads, Ev, Sp)
   const Tensor Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);    // (heads, S, Ep)
@@ -265,23 +256,24 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
 
   // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): S, masks,
-  // P = exp(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient), and the (dropped)
-  // P^T into Tt for dV unless Tt is null. Sb, dP, Pd: kQueryTile x Bc; Tt: Bc x Brp.
+  // P = exp(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient). Returns the
+  // (dropped) probabilities, for dV: Sb, or with dropout Pd. Sb, dP, Pd: kQueryTile x Bc.
   auto tile_gradients = [&](int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0, int64_t cols, T* Sb, T* dP,
-                            T* Pd, T* Tt) {
+                            T* Pd) -> const T* {
     const int64_t zhk = z * d.Hkv + h / d.group, row0 = (z * d.Hq + h) * d.L + l0;
     gemm::matmul<T>(rows, Bc, d.E, Qs_base + row0 * Ep, Ep, Kt_base + zhk * d.E * Sp + s0, Sp, Sb, Bc);
     apply_masks(Sb, Bc, rows, cols, z, h, l0, s0, causal, mask);
     probabilities(Sb, Bc, rows, cols, lse + row0);
     gemm::matmul<T>(rows, Bc, d.Ev, dO_base + row0 * Evp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP, Bc);
-    probabilities_to_dS(d, Sb, dP, Bc, rows, cols, row0, s0, Drow, dr, Tt, Brp, Pd);
+    probabilities_to_dS(d, Sb, dP, Bc, rows, cols, row0, s0, Drow, dr, Pd);
     if (dmask)
       for (int64_t r = 0; r < rows; ++r) std::copy(dP + r * Bc, dP + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
+    return dr.active() ? Pd : Sb;
   };
 
   if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
     at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dQ(kQueryTile * Ep);
+      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dQ(kQueryTile * Ep);
       std::vector<T> dK(Sp * Ep), dV(Sp * Evp);
       for (int64_t zhk = begin; zhk < end; ++zhk) {
         const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
@@ -298,12 +290,11 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
             const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
             for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
               const int64_t cols = std::min(Bc, s_end - s0);
-              tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
-              gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data() + s0 * Evp, Evp, true);  // += P^T dO
+              const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
+              // dV += P^T dO, dK += dS^T (scale * Q): the tiles read transposed in place
+              gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data() + s0 * Evp, Evp, true);
               gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
-              std::fill(Tt.begin(), Tt.end(), T(0));
-              transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);  // dK += dS^T (scale * Q)
-              gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs, Ep, dK.data() + s0 * Ep, Ep, true);
+              gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data() + s0 * Ep, Ep, true);
             }
             T* dqh = dq + row0 * d.E;
             for (int64_t r = 0; r < rows; ++r)
@@ -321,8 +312,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), Tt(Bc * Brp), dK(Bc * Ep),
-        dV(Bc * Evp);
+    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dK(Bc * Ep), dV(Bc * Evp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
       const int64_t s0 = kt * Bc, cols = std::min(Bc, d.S - s0);
@@ -335,12 +325,10 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           const int64_t row0 = (z * d.Hq + h) * d.L + l0;
           const T* Qs = Qs_base + row0 * Ep;
           const T* dOp = dO_base + row0 * Evp;
-          tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), Tt.data());
-          gemm::matmul<T>(cols, Evp, rows, Tt.data(), Brp, dOp, Evp, dV.data(), Evp, true);  // dV += P^T dO
-          // dK += dS^T (scale * Q)
-          std::fill(Tt.begin(), Tt.end(), T(0));
-          transpose(dP.data(), Bc, rows, cols, Tt.data(), Brp);
-          gemm::matmul<T>(cols, Ep, rows, Tt.data(), Brp, Qs, Ep, dK.data(), Ep, true);
+          const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
+          // dV += P^T dO, dK += dS^T (scale * Q): the tiles read transposed in place
+          gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data(), Evp, true);
+          gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data(), Ep, true);
         }
       }
       T* dkh = dk + (zhk * d.S + s0) * d.E;
@@ -363,7 +351,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
-        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data(), nullptr);  // no dV here
+        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
         gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
       T* dqh = dq + row0 * d.E;

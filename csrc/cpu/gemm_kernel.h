@@ -51,8 +51,14 @@ inline int64_t round_up(int64_t x, int64_t m) {
   return (x + m - 1) / m * m;
 }
 
+// A's element (m, k): A is row-major (m, k), or with TA stored transposed, as (k, m) with row stride lda.
+template <bool TA, typename T>
+inline const T* a_at(const T* A, int64_t lda, int64_t m, int64_t k) {
+  return TA ? A + k * lda + m : A + m * lda + k;
+}
+
 // C[MR x NR vectors] (+)= A[MR x K] @ B[K x NR vectors]; adds to C when `accumulate` (K panels after the first).
-template <typename T, int MR, int NR>
+template <typename T, int MR, int NR, bool TA = false>
 inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb,
                          T* __restrict__ C, int64_t ldc, int64_t K, bool accumulate) {
   using V = typename Vec<T>::type;
@@ -64,7 +70,7 @@ inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restri
     V b[NR];
     for (int n = 0; n < NR; ++n) b[n] = *reinterpret_cast<const V*>(B + k * ldb + n * L);
     for (int m = 0; m < MR; ++m) {
-      const T a = A[m * lda + k];
+      const T a = *a_at<TA>(A, lda, m, k);
       for (int n = 0; n < NR; ++n) acc[m][n] += a * b[n];
     }
   }
@@ -75,33 +81,33 @@ inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restri
     }
 }
 
-template <typename T, int NR>
+template <typename T, int NR, bool TA>
 inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                            int64_t K, bool acc) {
   switch (rows) {
-    case 1: micro_kernel<T, 1, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 2: micro_kernel<T, 2, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 3: micro_kernel<T, 3, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 4: micro_kernel<T, 4, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 5: micro_kernel<T, 5, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 6: micro_kernel<T, 6, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 7: micro_kernel<T, 7, NR>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 1: micro_kernel<T, 1, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 2: micro_kernel<T, 2, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 3: micro_kernel<T, 3, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 4: micro_kernel<T, 4, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 5: micro_kernel<T, 5, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 6: micro_kernel<T, 6, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 7: micro_kernel<T, 7, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
     default: break;
   }
 }
 
 // Columns [n0, n0 + NR vectors) of one K panel, all row blocks (of MR rows, then the remainder).
-template <typename T, int NR, int MR = kRowBlock>
+template <typename T, int NR, bool TA, int MR = kRowBlock>
 inline void column_block(int64_t M, int64_t n0, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool acc) {
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR)
-    micro_kernel<T, MR, NR>(A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
-  rows_remainder<T, NR>(M - m0, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+    micro_kernel<T, MR, NR, TA>(a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+  rows_remainder<T, NR, TA>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
 }
 
 // One K panel over all of C: column blocks of NR vectors, then narrower ones at the right edge.
-template <typename T, int NR>
+template <typename T, int NR, bool TA>
 inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                   int64_t ldc, bool acc) {
   constexpr int64_t L = lanes<T>();
@@ -109,27 +115,29 @@ inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, con
   // Full blocks, but not when exactly 4 vectors are left (a head dim of 64 floats with AVX-512): those take one
   // block of 6 rows x 4 vectors, as many accumulators as 8 x 3, where 3 + 1 or 2 + 2 would be narrower.
   for (; n0 + NR * L <= Nc && !(NR == 3 && Nc - n0 == 4 * L); n0 += NR * L)
-    column_block<T, NR>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+    column_block<T, NR, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
   if (NR == 3 && Nc - n0 == 4 * L) {
-    column_block<T, 4, 6>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+    column_block<T, 4, TA, 6>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
     n0 += 4 * L;
   }
-  for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
-  for (; n0 < Nc; n0 += L) column_block<T, 1>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 < Nc; n0 += L) column_block<T, 1, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
 }
 
 // C[M x Nc] (+)= A[M x K] @ B[K x Nc] (adds to C when `accumulate`); Nc % lanes<T>() == 0; C rows must hold
-// Nc elements. With one or two rows (a latency-bound GEMV) the column blocks are four times wider, so enough
-// independent multiply-add chains are in flight.
-template <typename T>
+// Nc elements. With TA, A is given transposed: a (K x M) matrix with row stride lda (C = A^T B, with no copy of
+// A; the sums run in the same order). With one or two rows (a latency-bound GEMV) the column blocks are four
+// times wider, so enough independent multiply-add chains are in flight.
+template <typename T, bool TA = false>
 void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate = false) {
   for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kPanel) {
     const int64_t kn = std::min(kPanel, K - k0);
+    const T* Ak = a_at<TA>(A, lda, 0, k0);
     if (M <= 2)
-      panel<T, 8>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
+      panel<T, 8, TA>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
     else
-      panel<T, kColBlock>(M, Nc, kn, A + k0, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
+      panel<T, kColBlock, TA>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
   }
 }
 
