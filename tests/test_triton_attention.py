@@ -73,16 +73,7 @@ def test_masks(mask_name, dtype, shape):
 
 
 def test_fully_masked_rows_give_zero_output_and_gradient():
-    q, k, v = make((1, 2), (1, 2), 10, 12, 8, 8, torch.float32)
-    mask = torch.ones(10, 12, dtype=torch.bool)
-    mask[3] = False
-    fmask = torch.zeros(10, 12)
-    fmask[5] = float("-inf")
-    for m, row in ((mask, 3), (fmask, 5)):
-        out = triton_sdpa(q, k, v, attn_mask=m)
-        assert torch.equal(out[..., row, :], torch.zeros_like(out[..., row, :]))
-        g, = torch.autograd.grad(out.sum(), q)
-        assert not torch.isnan(g).any() and torch.equal(g[..., row, :], torch.zeros_like(g[..., row, :]))
+    test_attention.check_fully_masked_rows(triton_sdpa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

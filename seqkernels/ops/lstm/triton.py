@@ -483,7 +483,7 @@ def persistent_config(kernel: str, gates: int, block_h: int, block_p: int, dtype
     16-bit states wider than 64 take 16 warps, so that each warp holds a 1/16 slice of the gate columns; float32
     takes 8 (3xTF32 holds each operand twice). Each choice compiles without spills for sm_80 and sm_90, also with
     sizes that are not multiples of 16 (seqkernels.triton_report)."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     weights = (gates * block_h * block_p + (block_h * block_p if has_proj else 0)) * size
     if weights <= RESIDENT_BYTES:
         if size == 4:
