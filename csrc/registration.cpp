@@ -46,7 +46,8 @@ TORCH_LIBRARY(seqkernels, m) {
   // Scaled-dot-product attention (see csrc/cpu/attention.cpp for the layout): q (Z, Hq, L, E), k (Z, Hkv, S, E),
   // v (Z, Hkv, S, Ev), Hq a multiple of Hkv; attn_mask a bool or float (Z, Hq, L, S) view, broadcast through
   // strides. Dropout (p in [0, 1)) is drawn from a counter-based generator keyed by seed, so the backward
-  // regenerates it. The forward also returns the log-sum-exp of each row (float32 for bfloat16 inputs).
+  // regenerates it. The forward also returns each row's log-sum-exp, for sdpa_bwd only: in base 2 (log2 of the
+  // sum of 2^(score * log2 e)), float32 for bfloat16 inputs.
   m.def("sdpa_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale,"
         " float dropout_p, int seed) -> (Tensor out, Tensor lse)");
   // grad_mask is dense (Z, Hq, L, S) when mask_grad, else empty.

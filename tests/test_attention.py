@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import seqkernels
-from seqkernels.ops.attention import reference
+from seqkernels import _ext
+from seqkernels.ops.attention import cpu, function, reference
 
 from conftest import assert_close64, assert_error_rule
 
@@ -65,9 +66,10 @@ def error_rule(name, ours, theirs, exact, inputs):
     assert_error_rule(name, ours, theirs, exact)
 
 
-def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False, fn=ours, rule=error_rule):
-    """fn (a backend's attention) against the float64 reference and torch in the same dtype: every result by
-    ``rule(name, ours, torch's, exact, (q, k, v, upstream))``, or to 1e-12 in float64."""
+def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False, fn=ours, rule=error_rule,
+            theirs_fn=F.scaled_dot_product_attention):
+    """fn (a backend's attention) against the float64 reference and torch (theirs_fn) in the same dtype: every
+    result by ``rule(name, ours, torch's, exact, (q, k, v, upstream))``, or to 1e-12 in float64."""
     q, k, v = make(qb, kb, L, S, E, Ev, dtype)
     mask = masks(qb, L, S, dtype)[mask_name] if mask_name else None
     if mask is not None and mask.is_floating_point():
@@ -85,7 +87,7 @@ def compare(qb, kb, L, S, E, Ev, gqa, dtype, mask_name=None, causal=False, fn=ou
         for n, a, b in zip(names, got, exact):
             assert_close64(n, a, b, tol=1e-12)
         return
-    theirs = run(F.scaled_dot_product_attention, q, k, v, mask, causal, gqa, upstream)  # torch, same dtype
+    theirs = run(theirs_fn, q, k, v, mask, causal, gqa, upstream)  # torch, same dtype
     for n, a, b, c in zip(names, got, theirs, exact):
         assert a.dtype == dtype
         rule(n, a, b, c, (q, k, v, upstream))
@@ -103,6 +105,27 @@ def test_against_reference_and_torch(qb, kb, L, S, E, Ev, gqa, causal, dtype):
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]])
 def test_masks(mask_name, dtype, shape):
     compare(*shape, dtype, mask_name=mask_name)
+
+
+def kernel_with_causal_and_mask(q, k, v, attn_mask, is_causal, enable_gqa):
+    """The CPU kernel given a mask and is_causal together (MultiheadAttention may pass both; the public function
+    refuses them, as torch's)."""
+    assert _ext.load(), _ext.error()
+    return function._run_kernels(cpu, q, k, v, attn_mask, 0.0, is_causal, None, enable_gqa)
+
+
+def torch_with_causal_folded_into_the_mask(q, k, v, attn_mask, is_causal, enable_gqa):
+    keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("mask_name", ["bool-LS", "bool-keypad", "bool-BHLS", "float-LS", "float-B1LS", "float-B11S"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5]])
+def test_masks_with_causal(mask_name, dtype, shape):
+    compare(*shape, dtype, mask_name=mask_name, causal=True, fn=kernel_with_causal_and_mask,
+            theirs_fn=torch_with_causal_folded_into_the_mask)
 
 
 def check_fully_masked_rows(fn):

@@ -7,8 +7,12 @@
 // A bool mask keeps the entries that are true; a float mask is added to the scaled scores.
 //
 // Forward: each task takes one (z, h, tile of kQueryTile queries) and walks the key tiles with an online
-// softmax, so the L x S score matrix never exists; with is_causal (top-left aligned, as torch) the key tiles past
-// the tile's last query are not visited. It saves the log-sum-exp of each row. Rows that see no key give 0.
+// softmax, so the L x S score matrix never exists; with is_causal (top-left aligned, as torch) the keys past the
+// tile's last query are not visited. Rows that see no key give 0. Scores are computed transposed (keys x
+// queries), so K and V are read as stored and each query's softmax runs down a column in plain vector operations
+// (see attention_forward). The softmax runs in base 2, as FlashAttention's: log2(e) is folded into the query's
+// scale (and into a float mask as it is added), so each probability is one 2^x, cheaper than e^x. It saves each
+// row's log-sum-exp in those units: lse = log2(sum 2^x).
 // Backward (FlashAttention-2's, without atomics): D = rowsum(dO * O), probabilities recomputed from the
 // log-sum-exp. With enough (batch, key/value head) pairs to keep every thread busy, one task owns a whole
 // key/value head and its group of query heads and accumulates dQ, dK and dV together (five matmuls per pair of
@@ -18,16 +22,18 @@
 // Dropout: probability (z, h, l, s) is kept when the counter-based hash of (seed, its flat index in (Z, Hq, L, S))
 // gives u >= p (seqkernels.ops.attention.reference.dropout_keep computes the same), and kept ones are scaled by
 // 1 / (1 - p). Nothing is stored: the backward regenerates the same decisions from the seed.
-// Operands are packed once per call into padded, matmul-ready layouts (K^T, V, scaled Q, ...), rather than per
-// pair of tiles, where the copies cost a third of the time.
+// The backward's operands are packed once per call into padded, matmul-ready layouts (K^T, V^T, scaled Q, ...),
+// rather than per pair of tiles, where the copies cost a third of the time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -41,6 +47,7 @@ using at::Tensor;
 using gemm::round_up;
 
 constexpr int64_t kQueryTile = 64;
+constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
 // Keys per tile: two full register tiles of columns (96 float32 with AVX-512).
 template <typename T>
@@ -88,7 +95,8 @@ struct Mask {
   bool any() const { return b != nullptr || f != nullptr; }
 };
 
-// Scores of rows [l0, l0 + rows) x keys [s0, s0 + cols) of head (z, h): masks applied in place.
+// Scores (base 2) of rows [l0, l0 + rows) x keys [s0, s0 + cols) of head (z, h): masks applied in place (a
+// float mask times log2(e)).
 template <typename T>
 void apply_masks(T* S, int64_t ldS, int64_t rows, int64_t cols, int64_t z, int64_t h, int64_t l0, int64_t s0,
                  bool causal, const Mask<T>& m) {
@@ -103,7 +111,7 @@ void apply_masks(T* S, int64_t ldS, int64_t rows, int64_t cols, int64_t z, int64
       for (int64_t c = 0; c < cols; ++c)
         if (!m.b[base + c * m.ss]) row[c] = neg_inf;
     } else {
-      for (int64_t c = 0; c < cols; ++c) row[c] += m.f[base + c * m.ss];
+      for (int64_t c = 0; c < cols; ++c) row[c] += m.f[base + c * m.ss] * T(kLog2e);
     }
   }
 }
@@ -144,7 +152,7 @@ void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, 
   }
 }
 
-// P = exp(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
+// P = 2^(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
 template <typename T>
 void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -153,7 +161,7 @@ void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) 
       std::fill(row, row + ldS, T(0));
       continue;
     }
-    vec_math::exp_shifted_sum(row, cols, lse[r]);
+    vec_math::exp2_shifted_sum(row, cols, lse[r]);
     std::fill(row + cols, row + ldS, T(0));
   }
 }
@@ -181,60 +189,179 @@ Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int6
   return out;
 }
 
+// Scores (base 2) transposed, St[c][r] for keys [s0, s0 + cols) x query rows [l0, l0 + rows) of head (z, h):
+// masks applied in place (a float mask times log2(e); a bool mask as -inf where false). Causal: key s0 + c is
+// hidden from the queries before it, a prefix of each key's row. A mask stored along keys (the usual case) is
+// read in 16 x 16 blocks of contiguous rows, transposed in registers; one that broadcasts over queries (a key
+// padding mask) is one value per key.
+template <typename T>
+void apply_masks_transposed(T* St, int64_t ld, int64_t rows, int64_t cols, int64_t z, int64_t h, int64_t l0,
+                            int64_t s0, bool causal, const Mask<T>& m) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  if (causal)
+    for (int64_t c = 0; c < cols; ++c) std::fill(St + c * ld, St + c * ld + std::clamp<int64_t>(s0 + c - l0, 0, rows), neg_inf);
+  if (!m.any()) return;
+  const int64_t base = z * m.sz + h * m.sh + l0 * m.sl + s0 * m.ss;  // element (r, c) at base + r * sl + c * ss
+  auto scalar = [&](int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      T* row = St + c * ld;
+      const int64_t at = base + c * m.ss;
+      if (m.sl == 0) {
+        if (m.b) {
+          if (!m.b[at]) std::fill(row + r_begin, row + r_end, neg_inf);
+        } else {
+          const T add = m.f[at] * T(kLog2e);
+          for (int64_t r = r_begin; r < r_end; ++r) row[r] += add;
+        }
+      } else if (m.b) {
+        for (int64_t r = r_begin; r < r_end; ++r)
+          if (!m.b[at + r * m.sl]) row[r] = neg_inf;
+      } else {
+        for (int64_t r = r_begin; r < r_end; ++r) row[r] += m.f[at + r * m.sl] * T(kLog2e);
+      }
+    }
+  };
+  int64_t r16 = 0, c16 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using vec_math::vfloat16;
+    if (m.ss == 1 && m.sl != 0) {
+      r16 = rows / 16 * 16;
+      c16 = cols / 16 * 16;
+      typedef uint8_t vbyte16 __attribute__((vector_size(16)));
+      typedef int32_t vint16 __attribute__((vector_size(64)));
+      const vfloat16 zero{}, minus_inf = zero - __builtin_inff();
+      for (int64_t r0 = 0; r0 < r16; r0 += 16)
+        for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+          vfloat16 x[16];  // x[i]: query r0 + i, keys c0 .. c0 + 15, as additive values
+          for (int i = 0; i < 16; ++i) {
+            const int64_t at = base + (r0 + i) * m.sl + c0;
+            if (m.b) {
+              vbyte16 keep;
+              std::memcpy(&keep, m.b + at, sizeof keep);
+              x[i] = __builtin_convertvector(keep, vint16) != 0 ? zero : minus_inf;
+            } else {
+              std::memcpy(&x[i], m.f + at, sizeof x[i]);
+              x[i] *= float(kLog2e);
+            }
+          }
+          vec_math::transpose16(x);
+          for (int i = 0; i < 16; ++i) {
+            float* dst = St + (c0 + i) * ld + r0;
+            vfloat16 sv;
+            std::memcpy(&sv, dst, sizeof sv);
+            sv += x[i];
+            std::memcpy(dst, &sv, sizeof sv);
+          }
+        }
+    }
+  }
+  scalar(0, r16, c16, cols);  // what the blocks left: the right edge, then the bottom rows
+  scalar(r16, rows, 0, cols);
+}
+
+// One key tile of the online softmax, for n query columns (a multiple of 16) of St (cols x n, row stride ld):
+// the running max m and sum l of each query are updated, St becomes 2^(St - m) (0 for queries that have seen no
+// key yet), and alpha gets the factor by which each query's earlier output must be rescaled. The work runs down
+// the columns, so a query's max and sum are plain vector operations: no horizontal reductions.
+template <typename T>
+void softmax_tile(T* St, int64_t ld, int64_t cols, int64_t n, T* m, T* l, T* alpha) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < n; ++r) {
+    T mx = m[r];
+    for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, St[c * ld + r]);
+    const T shift = mx == neg_inf ? T(0) : mx;  // no key yet: 2^-inf = 0 everywhere
+    alpha[r] = m[r] == mx ? T(1) : std::exp2(m[r] - shift);
+    T sum = T(0);
+    for (int64_t c = 0; c < cols; ++c) sum += (St[c * ld + r] = std::exp2(St[c * ld + r] - shift));
+    l[r] = l[r] * alpha[r] + sum;
+    m[r] = mx;
+  }
+}
+
+template <>
+void softmax_tile<float>(float* St, int64_t ld, int64_t cols, int64_t n, float* m, float* l, float* alpha) {
+  using vec_math::vfloat16;
+  const vfloat16 neg_inf = vfloat16{} - __builtin_inff();
+  for (int64_t r = 0; r < n; r += 16) {
+    vfloat16 mx, mo, acc{};
+    std::memcpy(&mo, m + r, sizeof mo);
+    mx = mo;
+    for (int64_t c = 0; c < cols; ++c) {
+      vfloat16 v;
+      std::memcpy(&v, St + c * ld + r, sizeof v);
+      mx = v > mx ? v : mx;
+    }
+    const vfloat16 shift = mx == neg_inf ? vfloat16{} : mx;
+    const vfloat16 a = mo == mx ? vfloat16{} + 1.0f : vec_math::exp2_nonpositive16(mo - shift);
+    for (int64_t c = 0; c < cols; ++c) {
+      vfloat16 v;
+      std::memcpy(&v, St + c * ld + r, sizeof v);
+      v = vec_math::exp2_nonpositive16(v - shift);
+      std::memcpy(St + c * ld + r, &v, sizeof v);
+      acc += v;
+    }
+    vfloat16 lo;
+    std::memcpy(&lo, l + r, sizeof lo);
+    lo = lo * a + acc;
+    std::memcpy(l + r, &lo, sizeof lo);
+    std::memcpy(m + r, &mx, sizeof mx);
+    std::memcpy(alpha + r, &a, sizeof a);
+  }
+}
+
+// Forward. Each task takes one (z, h, tile of kQueryTile queries) and computes, per key tile, the scores
+// transposed, St = K_tile (Q_tile * scale * log2 e)^T (keys x queries): K is read as it is stored, only the
+// query tile is transposed (once per task); the softmax runs down St's columns; O += P V reads P = St^T through
+// the transposed-A matmul. V is read as stored too, unless its rows need padding to whole vectors.
 template <typename T>
 void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal, T scale,
                        const Dropout& dr, T* out, T* lse, const Tensor& like) {
-  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
+  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>(), Nq = kQueryTile;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile;
-  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
-  const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);        // (heads, E, Sp)
-  const Tensor Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, T(1), like);      // (heads, S, Evp)
-  const T* Kt_base = Kt_all.data_ptr<T>();
-  const T* Vp_base = Vp_all.data_ptr<T>();
+  const int64_t q_tiles = (d.L + Nq - 1) / Nq;
+  const int64_t Evp = round_up(d.Ev, L_);
+  Tensor Vp_all;
+  if (Evp != d.Ev) Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, T(1), like);  // (heads, S, Evp)
+  const T* Vp_base = Evp != d.Ev ? Vp_all.data_ptr<T>() : v;
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qs(kQueryTile * Ep), Sb(kQueryTile * Bc), O(kQueryTile * Evp), m(kQueryTile), l(kQueryTile), Z(Bc);
+    std::vector<T> Qt(d.E * Nq), St(Bc * Nq), O(Nq * Evp), m(Nq), l(Nq), alpha(Nq), Z(Bc);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
-      const int64_t hk = h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
-      const T* Kt = Kt_base + (z * d.Hkv + hk) * d.E * Sp;
-      const T* Vp = Vp_base + (z * d.Hkv + hk) * d.S * Evp;
-      copy_rows(q + ((z * d.Hq + h) * d.L + l0) * d.E, d.E, rows, d.E, scale, Qs.data(), Ep);
+      const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * Nq, rows = std::min(Nq, d.L - l0);
+      const int64_t n = round_up(rows, 16);  // query columns computed: whole vectors
+      const T* Kh = k + zhk * d.S * d.E;
+      const T* Vh = Vp_base + zhk * d.S * Evp;
+      const T* qh = q + ((z * d.Hq + h) * d.L + l0) * d.E;
+      const T qscale = T(scale * kLog2e);
+      for (int64_t e = 0; e < d.E; ++e) {
+        for (int64_t r = 0; r < rows; ++r) Qt[e * Nq + r] = qh[r * d.E + e] * qscale;
+        std::fill(Qt.begin() + e * Nq + rows, Qt.begin() + e * Nq + n, T(0));
+      }
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;  // causal: later keys are never seen
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
-        gemm::matmul<T>(rows, Bc, d.E, Qs.data(), Ep, Kt + s0, Sp, Sb.data(), Bc);
-        apply_masks(Sb.data(), Bc, rows, cols, z, h, l0, s0, causal, mask);
-        for (int64_t r = 0; r < rows; ++r) {  // online softmax
-          T* row = Sb.data() + r * Bc;
-          const T m_new = std::max(m[r], vec_math::max(row, cols));
-          if (m_new == neg_inf) {  // no key visible to this row yet
-            std::fill(row, row + Bc, T(0));
-            continue;
-          }
-          const T alpha = m[r] == m_new ? T(1) : (m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new));
-          const T sum = vec_math::exp_shifted_sum(row, cols, m_new);  // the normalizer counts dropped ones too
-          std::fill(row + cols, row + Bc, T(0));
-          if (dr.active()) {
+        gemm::matmul<T>(cols, n, d.E, Kh + s0 * d.E, d.E, Qt.data(), Nq, St.data(), Nq);
+        apply_masks_transposed(St.data(), Nq, rows, cols, z, h, l0, s0, causal, mask);
+        softmax_tile(St.data(), Nq, cols, n, m.data(), l.data(), alpha.data());  // the sum counts dropped ones too
+        if (dr.active())
+          for (int64_t r = 0; r < rows; ++r) {
             dropout_factors(dr, static_cast<uint64_t>(((z * d.Hq + h) * d.L + l0 + r) * d.S + s0), cols, Z.data());
-            for (int64_t c = 0; c < cols; ++c) row[c] *= Z[c];
+            for (int64_t c = 0; c < cols; ++c) St[c * Nq + r] *= Z[c];
           }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-          if (alpha != T(1))
-            for (int64_t e = 0; e < Evp; ++e) O[r * Evp + e] *= alpha;
-        }
-        gemm::matmul<T>(rows, Evp, cols, Sb.data(), Bc, Vp + s0 * Evp, Evp, O.data(), Evp, /*accumulate=*/true);
+        for (int64_t r = 0; r < rows; ++r)
+          if (alpha[r] != T(1))
+            for (int64_t e = 0; e < Evp; ++e) O[r * Evp + e] *= alpha[r];
+        gemm::matmul<T, true>(rows, Evp, cols, St.data(), Nq, Vh + s0 * Evp, Evp, O.data(), Evp, /*accumulate=*/true);
       }
       T* oh = out + ((z * d.Hq + h) * d.L + l0) * d.Ev;
       T* lh = lse + (z * d.Hq + h) * d.L + l0;
       for (int64_t r = 0; r < rows; ++r) {
         const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
         for (int64_t e = 0; e < d.Ev; ++e) oh[r * d.Ev + e] = O[r * Evp + e] * inv;
-        lh[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;
+        lh[r] = l[r] > T(0) ? m[r] + std::log2(l[r]) : neg_inf;
       }
     }
   });
@@ -250,13 +377,14 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);    // (heads, E, Sp)
   const Tensor Vt_all = pack_heads_transposed(v, d.Z * d.Hkv, d.S, d.Ev, Sp, like);   // (heads, Ev, Sp)
   const Tensor Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);    // (heads, S, Ep)
-  const Tensor Qs_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, scale, like);    // (heads, L, Ep), scaled
+  // (heads, L, Ep), times scale * log2(e): base-2 scores, and dK = ln 2 * sum(dS^T Qs)
+  const Tensor Qs_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, T(scale * kLog2e), like);
   const Tensor dO_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);  // (heads, L, Evp)
   const T *Kt_base = Kt_all.data_ptr<T>(), *Vt_base = Vt_all.data_ptr<T>(), *Kp_base = Kp_all.data_ptr<T>();
   const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
 
   // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): S, masks,
-  // P = exp(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient). Returns the
+  // P = 2^(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient). Returns the
   // (dropped) probabilities, for dV: Sb, or with dropout Pd. Sb, dP, Pd: kQueryTile x Bc.
   auto tile_gradients = [&](int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0, int64_t cols, T* Sb, T* dP,
                             T* Pd) -> const T* {
@@ -291,7 +419,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
             for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
               const int64_t cols = std::min(Bc, s_end - s0);
               const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
-              // dV += P^T dO, dK += dS^T (scale * Q): the tiles read transposed in place
+              // dV += P^T dO, dK += dS^T Qs: the tiles read transposed in place
               gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data() + s0 * Evp, Evp, true);
               gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
               gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data() + s0 * Ep, Ep, true);
@@ -302,7 +430,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           }
         }
         for (int64_t c = 0; c < d.S; ++c) {
-          std::copy(dK.data() + c * Ep, dK.data() + c * Ep + d.E, dk + (zhk * d.S + c) * d.E);
+          for (int64_t e = 0; e < d.E; ++e) dk[(zhk * d.S + c) * d.E + e] = dK[c * Ep + e] * T(kLn2);
           std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dv + (zhk * d.S + c) * d.Ev);
         }
       }
@@ -326,7 +454,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
           const T* Qs = Qs_base + row0 * Ep;
           const T* dOp = dO_base + row0 * Evp;
           const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
-          // dV += P^T dO, dK += dS^T (scale * Q): the tiles read transposed in place
+          // dV += P^T dO, dK += dS^T Qs: the tiles read transposed in place
           gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data(), Evp, true);
           gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data(), Ep, true);
         }
@@ -334,7 +462,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       T* dkh = dk + (zhk * d.S + s0) * d.E;
       T* dvh = dv + (zhk * d.S + s0) * d.Ev;
       for (int64_t c = 0; c < cols; ++c) {
-        std::copy(dK.data() + c * Ep, dK.data() + c * Ep + d.E, dkh + c * d.E);
+        for (int64_t e = 0; e < d.E; ++e) dkh[c * d.E + e] = dK[c * Ep + e] * T(kLn2);
         std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dvh + c * d.Ev);
       }
     }
@@ -446,7 +574,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, cons
   const Tensor lse_c = lse.contiguous(), out_c = to_compute(out);
   Tensor D = at::empty({d.Z, d.Hq, d.L}, q.options());  // rowsum(dO * O)
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  Tensor dmask = mask_grad ? at::empty({d.Z, d.Hq, d.L, d.S}, q.options()) : at::empty({0}, q.options());
+  // The kernel writes dS where it visits; with is_causal the keys past each query tile are not visited (dS = 0).
+  Tensor dmask = !mask_grad ? at::empty({0}, q.options())
+                 : is_causal ? at::zeros({d.Z, d.Hq, d.L, d.S}, q.options())
+                             : at::empty({d.Z, d.Hq, d.L, d.S}, q.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "sdpa_bwd", [&] {
     const scalar_t* g = go.data_ptr<scalar_t>();
     const scalar_t* o = out_c.data_ptr<scalar_t>();

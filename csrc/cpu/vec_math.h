@@ -1,4 +1,4 @@
-// Vectorized sigmoid and tanh over arrays, for the gate activations.
+// Vectorized sigmoid and tanh over arrays, for the gate activations, and the softmax's 2^x with its sum.
 //
 // float: 16 lanes at a time (one AVX-512 register, two AVX2 ones), written with GCC/Clang vector extensions:
 // relying on auto-vectorization proved fragile, since GCC would not always if-convert the range clamps.
@@ -41,6 +41,26 @@ inline vfloat16 exp16(vfloat16 x) {
   const vint16 bits = (__builtin_convertvector(n, vint16) + 127) << 23;
   const vfloat16 e = p * reinterpret_cast<const vfloat16&>(bits);
   return underflow ? vfloat16{} : e;
+}
+
+// 2^t for t < 128, meant for t <= 0 (softmax's shifted scores in base 2): 2^n 2^r, n = round(t), r = t - n exact in [-1/2, 1/2],
+// 2^r by a degree-6 polynomial fitted for relative error (0.8 ulp in float arithmetic). t is clamped at -127,
+// where the scale 2^n, built from n's bits, is exactly 0: so the result is 0 for t < -126.5 (-inf included)
+// and no separate underflow test is needed. NaN propagates. About half the work of exp16, which must handle
+// the whole range.
+inline vfloat16 exp2_nonpositive16(vfloat16 t) {
+  t = t < -127.0f ? vfloat16{} - 127.0f : t;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: the sum's low mantissa bits hold round(t)
+  const vfloat16 shifted = t + round_magic;
+  const vfloat16 r = t - (shifted - round_magic);
+  vfloat16 p = r * 1.5353361959569156e-4f + 1.3398875016719103e-3f;
+  p = p * r + 9.618436917662621e-3f;
+  p = p * r + 5.5503323674201965e-2f;
+  p = p * r + 0.24022647738456726f;
+  p = p * r + 0.6931471824645996f;
+  p = p * r + 1.0f;
+  const vint16 bits = (reinterpret_cast<const vint16&>(shifted) << 23) + (127 << 23);  // n + 127 in the exponent
+  return p * reinterpret_cast<const vfloat16&>(bits);
 }
 
 inline vfloat16 sigmoid16(vfloat16 x) {
@@ -86,6 +106,31 @@ inline float hmax16(vfloat16 v) {
   return g > h ? g : h;
 }
 
+// In-register transpose of a 16 x 16 block held as 16 row vectors: four stages, each swapping one bit of the row
+// index with the same bit of the column index across pairs of rows i, i | bit (64 two-source shuffles in all).
+// Row i keeps its columns whose bit is clear and takes row i|bit's columns without the bit (LO); row i|bit takes
+// the rest (HI).
+#define SEQKERNELS_LIST(...) __VA_ARGS__
+#define SEQKERNELS_TRANSPOSE_STAGE(BIT, LO, HI)                       \
+  for (int i = 0; i < 16; ++i)                                        \
+    if (!(i & BIT)) {                                                 \
+      const vfloat16 a = x[i], b = x[i | BIT];                        \
+      x[i] = __builtin_shufflevector(a, b, SEQKERNELS_LIST LO);       \
+      x[i | BIT] = __builtin_shufflevector(a, b, SEQKERNELS_LIST HI); \
+    }
+inline void transpose16(vfloat16 (&x)[16]) {
+  SEQKERNELS_TRANSPOSE_STAGE(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                             (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  SEQKERNELS_TRANSPOSE_STAGE(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                             (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  SEQKERNELS_TRANSPOSE_STAGE(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                             (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  SEQKERNELS_TRANSPOSE_STAGE(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                             (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+}
+#undef SEQKERNELS_TRANSPOSE_STAGE
+#undef SEQKERNELS_LIST
+
 template <typename F>
 inline void map_float(const float* in, float* out, int64_t n, F f) {
   int64_t i = 0;
@@ -103,7 +148,6 @@ inline void map_float(const float* in, float* out, int64_t n, F f) {
   }
 }
 
-inline void exp(const float* in, float* out, int64_t n) { map_float(in, out, n, exp16); }
 inline void sigmoid(const float* in, float* out, int64_t n) { map_float(in, out, n, sigmoid16); }
 inline void tanh(const float* in, float* out, int64_t n) { map_float(in, out, n, tanh16); }
 
@@ -122,25 +166,32 @@ inline float max(const float* x, int64_t n) {
   return r;
 }
 
-// x[i] = exp(x[i] - shift) in place; returns their sum (lane partials added in a fixed order: hsum16).
-inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+// x[i] = 2^(x[i] - shift) in place, for a finite shift >= max(x) (or barely below it: the backward's saved
+// log-sum-exp); returns their sum (lane partials added in a fixed order: hsum16).
+inline float exp2_shifted_sum(float* x, int64_t n, float shift) {
   vfloat16 acc{};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     vfloat16 v;
     std::memcpy(&v, x + i, sizeof v);
-    v = exp16(v - shift);
+    v = exp2_nonpositive16(v - shift);
     std::memcpy(x + i, &v, sizeof v);
     acc += v;
   }
   if (i < n) {
-    vfloat16 v = vfloat16{} - __builtin_inff();  // padding lanes give exp(-inf) = 0
+    vfloat16 v = vfloat16{} - __builtin_inff();  // padding lanes give 2^-inf = 0
     std::memcpy(&v, x + i, (n - i) * sizeof(float));
-    v = exp16(v - shift);
+    v = exp2_nonpositive16(v - shift);
     std::memcpy(x + i, &v, (n - i) * sizeof(float));
     acc += v;
   }
   return hsum16(acc);
+}
+
+inline double exp2_shifted_sum(double* x, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp2(x[i] - shift));
+  return sum;
 }
 
 inline double max(const double* x, int64_t n) {
@@ -149,15 +200,6 @@ inline double max(const double* x, int64_t n) {
   return r;
 }
 
-inline double exp_shifted_sum(double* x, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
-  return sum;
-}
-
-inline void exp(const double* in, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
-}
 inline void sigmoid(const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.0 / (1.0 + std::exp(-in[i]));
 }
