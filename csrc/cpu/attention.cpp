@@ -95,32 +95,13 @@ struct Mask {
   bool any() const { return b != nullptr || f != nullptr; }
 };
 
-// Scores (base 2) of rows [l0, l0 + rows) x keys [s0, s0 + cols) of head (z, h): masks applied in place (a
-// float mask times log2(e)).
+// dst[c][r] = src[r][c] * alpha for r < rows, c < cols (dst row stride ldd); columns rows .. rows_pad zeroed.
 template <typename T>
-void apply_masks(T* S, int64_t ldS, int64_t rows, int64_t cols, int64_t z, int64_t h, int64_t l0, int64_t s0,
-                 bool causal, const Mask<T>& m) {
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = S + r * ldS;
-    if (causal)
-      for (int64_t c = std::max<int64_t>(0, l0 + r + 1 - s0); c < cols; ++c) row[c] = neg_inf;
-    if (!m.any()) continue;
-    const int64_t base = z * m.sz + h * m.sh + (l0 + r) * m.sl + s0 * m.ss;
-    if (m.b) {
-      for (int64_t c = 0; c < cols; ++c)
-        if (!m.b[base + c * m.ss]) row[c] = neg_inf;
-    } else {
-      for (int64_t c = 0; c < cols; ++c) row[c] += m.f[base + c * m.ss] * T(kLog2e);
-    }
-  }
-}
-
-// dst[c][r] = src[r][c] for r < rows, c < cols (dst row stride ldd).
-template <typename T>
-void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T* dst, int64_t ldd,
+               int64_t rows_pad) {
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + rows_pad, T(0));
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;
 }
 
 // dst (rows x ldd) = src (rows x cols, row stride lds) * alpha, columns past cols zeroed.
@@ -132,48 +113,15 @@ void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
   }
 }
 
-// Backward of one pair of tiles after S and P: turns dP = dO V^T into dS = P * (dP * Z - D), where Z is the
-// dropout factor (1 without dropout), and with dropout writes P * Z into Pd (for dV).
+// Per-head packed copies of a (Z * heads, n, dim) tensor, in parallel over heads, scaled by alpha:
+// transposed (heads, dim, n_pad), or padded rows (heads, n, dim_pad). Padding is zero.
 template <typename T>
-void probabilities_to_dS(const Shape& d, T* P, T* dP, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
-                         int64_t s0, const T* Drow, const Dropout& dr, T* Pd) {
-  if (!dr.active()) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] - Drow[row0 + r]);
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    T* z = Pd + r * ld;  // the factors first, then P * Z in place
-    dropout_factors(dr, static_cast<uint64_t>((row0 + r) * d.S + s0), cols, z);
-    for (int64_t c = 0; c < cols; ++c) {
-      dP[r * ld + c] = P[r * ld + c] * (dP[r * ld + c] * z[c] - Drow[row0 + r]);
-      z[c] *= P[r * ld + c];
-    }
-  }
-}
-
-// P = 2^(S - lse) in place for the valid columns (0 where lse is -inf: rows that see no key), rest zeroed.
-template <typename T>
-void probabilities(T* S, int64_t ldS, int64_t rows, int64_t cols, const T* lse) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = S + r * ldS;
-    if (lse[r] == -std::numeric_limits<T>::infinity()) {
-      std::fill(row, row + ldS, T(0));
-      continue;
-    }
-    vec_math::exp2_shifted_sum(row, cols, lse[r]);
-    std::fill(row + cols, row + ldS, T(0));
-  }
-}
-
-// Per-head packed copies of a (Z * heads, n, dim) tensor, in parallel over heads:
-// transposed (heads, dim, n_pad), or padded rows (heads, n, dim_pad) scaled by alpha. Padding is zero.
-template <typename T>
-Tensor pack_heads_transposed(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t n_pad, const Tensor& like) {
-  Tensor out = at::zeros({heads, dim, n_pad}, like.options());
+Tensor pack_heads_transposed(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t n_pad, T alpha,
+                             const Tensor& like) {
+  Tensor out = at::empty({heads, dim, n_pad}, like.options());
   T* o = out.data_ptr<T>();
   at::parallel_for(0, heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t h = b; h < e; ++h) transpose(src + h * n * dim, dim, n, dim, o + h * dim * n_pad, n_pad);
+    for (int64_t h = b; h < e; ++h) transpose(src + h * n * dim, dim, n, dim, alpha, o + h * dim * n_pad, n_pad, n_pad);
   });
   return out;
 }
@@ -332,11 +280,7 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
       const T* Kh = k + zhk * d.S * d.E;
       const T* Vh = Vp_base + zhk * d.S * Evp;
       const T* qh = q + ((z * d.Hq + h) * d.L + l0) * d.E;
-      const T qscale = T(scale * kLog2e);
-      for (int64_t e = 0; e < d.E; ++e) {
-        for (int64_t r = 0; r < rows; ++r) Qt[e * Nq + r] = qh[r * d.E + e] * qscale;
-        std::fill(Qt.begin() + e * Nq + rows, Qt.begin() + e * Nq + n, T(0));
-      }
+      transpose(qh, d.E, rows, d.E, T(scale * kLog2e), Qt.data(), Nq, n);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(O.begin(), O.end(), T(0));
@@ -367,80 +311,164 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
   });
 }
 
+// Backward of one pair of tiles, transposed (cols keys x n query columns, row stride ld), from the base-2
+// scores S^T and dP^T = V dO^T: P = 2^(S - shift) into St and, unless with_dS is false, dS = P * (dP - D) into
+// dPt. shift is each query's lse, or +inf for a query that sees no key (and for padding columns): P = 0 there.
+template <typename T>
+void probabilities_and_dS(T* St, T* dPt, int64_t ld, int64_t cols, int64_t n, const T* shift, const T* D,
+                          bool with_dS) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < n; ++r) {
+      const T P = St[c * ld + r] = std::exp2(St[c * ld + r] - shift[r]);
+      if (with_dS) dPt[c * ld + r] = P * (dPt[c * ld + r] - D[r]);
+    }
+}
+
+template <>
+void probabilities_and_dS<float>(float* St, float* dPt, int64_t ld, int64_t cols, int64_t n, const float* shift,
+                                 const float* D, bool with_dS) {
+  using vec_math::vfloat16;
+  for (int64_t r = 0; r < n; r += 16) {
+    vfloat16 sh, dr;
+    std::memcpy(&sh, shift + r, sizeof sh);
+    std::memcpy(&dr, D + r, sizeof dr);
+    for (int64_t c = 0; c < cols; ++c) {
+      vfloat16 x, dp;
+      std::memcpy(&x, St + c * ld + r, sizeof x);
+      x = vec_math::exp2_nonpositive16(x - sh);  // S - lse: <= 0 up to rounding; -inf and NaN-free with shift +inf
+      std::memcpy(St + c * ld + r, &x, sizeof x);
+      if (!with_dS) continue;
+      std::memcpy(&dp, dPt + c * ld + r, sizeof dp);
+      dp = x * (dp - dr);
+      std::memcpy(dPt + c * ld + r, &dp, sizeof dp);
+    }
+  }
+}
+
+// Backward (see the top of the file), in the forward's transposed form: per pair of tiles, S^T = K Qt and
+// dP^T = V dOt, where Qt = (Q * scale * log2 e)^T and dOt = dO^T are the query tile's operands (kQueryTile
+// columns); then dV += P^T dO and dK += dS^T Q read the (keys x queries) tiles as stored, and dQ += dS K reads
+// dS^T through the transposed-A matmul. K, V, Q and dO are read as stored, unless a head dim needs padding to
+// whole vectors. dK comes out of dS^T Q times scale, dQ out of dS K times scale.
 template <typename T>
 void attention_backward(const Shape& d, const T* q, const T* k, const T* v, const Mask<T>& mask, bool causal,
                         T scale, const Dropout& dr, const T* dout, const T* lse, const T* Drow, T* dq, T* dk, T* dv,
                         T* dmask, const Tensor& like) {
-  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>();
-  const int64_t q_tiles = (d.L + kQueryTile - 1) / kQueryTile, k_tiles = (d.S + Bc - 1) / Bc;
-  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_), Sp = round_up(d.S, Bc);
-  const Tensor Kt_all = pack_heads_transposed(k, d.Z * d.Hkv, d.S, d.E, Sp, like);    // (heads, E, Sp)
-  const Tensor Vt_all = pack_heads_transposed(v, d.Z * d.Hkv, d.S, d.Ev, Sp, like);   // (heads, Ev, Sp)
-  const Tensor Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);    // (heads, S, Ep)
-  // (heads, L, Ep), times scale * log2(e): base-2 scores, and dK = ln 2 * sum(dS^T Qs)
-  const Tensor Qs_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, T(scale * kLog2e), like);
-  const Tensor dO_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);  // (heads, L, Evp)
-  const T *Kt_base = Kt_all.data_ptr<T>(), *Vt_base = Vt_all.data_ptr<T>(), *Kp_base = Kp_all.data_ptr<T>();
-  const T *Qs_base = Qs_all.data_ptr<T>(), *dO_base = dO_all.data_ptr<T>();
+  constexpr int64_t L_ = gemm::lanes<T>(), Bc = key_tile<T>(), Nq = kQueryTile;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const int64_t q_tiles = (d.L + Nq - 1) / Nq, k_tiles = (d.S + Bc - 1) / Bc;
+  const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_);
+  Tensor Kp_all, Qp_all, dOp_all;  // padded rows, only where a head dim is not whole vectors
+  if (Ep != d.E) {
+    Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);
+    Qp_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, T(1), like);
+  }
+  if (Evp != d.Ev) dOp_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);
+  const T* Kr = Ep != d.E ? Kp_all.data_ptr<T>() : k;      // (Z * Hkv, S, Ep)
+  const T* Qr = Ep != d.E ? Qp_all.data_ptr<T>() : q;      // (Z * Hq, L, Ep)
+  const T* dOr = Evp != d.Ev ? dOp_all.data_ptr<T>() : dout;  // (Z * Hq, L, Evp)
 
-  // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): S, masks,
-  // P = 2^(S - lse), dS = P * (dO V^T * Z - D) into dP (and into the float mask's gradient). Returns the
-  // (dropped) probabilities, for dV: Sb, or with dropout Pd. Sb, dP, Pd: kQueryTile x Bc.
-  auto tile_gradients = [&](int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0, int64_t cols, T* Sb, T* dP,
-                            T* Pd) -> const T* {
-    const int64_t zhk = z * d.Hkv + h / d.group, row0 = (z * d.Hq + h) * d.L + l0;
-    gemm::matmul<T>(rows, Bc, d.E, Qs_base + row0 * Ep, Ep, Kt_base + zhk * d.E * Sp + s0, Sp, Sb, Bc);
-    apply_masks(Sb, Bc, rows, cols, z, h, l0, s0, causal, mask);
-    probabilities(Sb, Bc, rows, cols, lse + row0);
-    gemm::matmul<T>(rows, Bc, d.Ev, dO_base + row0 * Evp, Evp, Vt_base + zhk * d.Ev * Sp + s0, Sp, dP, Bc);
-    probabilities_to_dS(d, Sb, dP, Bc, rows, cols, row0, s0, Drow, dr, Pd);
-    if (dmask)
-      for (int64_t r = 0; r < rows; ++r) std::copy(dP + r * Bc, dP + r * Bc + cols, dmask + (row0 + r) * d.S + s0);
-    return dr.active() ? Pd : Sb;
+  // A query tile's operands: Qt (E x ld) and dOt (Ev x ld), and per column the softmax shift and D.
+  struct QueryTile {
+    const T* Qt;
+    const T* dOt;
+    int64_t ld;
+    T shift[Nq], D[Nq];
+  };
+  auto load_lse_and_D = [&](int64_t row0, int64_t rows, QueryTile& t) {
+    for (int64_t r = 0; r < Nq; ++r) {
+      const T l = r < rows ? lse[row0 + r] : -inf;
+      t.shift[r] = l == -inf ? inf : l;
+      t.D[r] = r < rows ? Drow[row0 + r] : T(0);
+    }
+  };
+  // One pair of tiles (query rows [l0, l0 + rows) of head (z, h), keys [s0, s0 + cols)): P^T into St, dS^T into
+  // dPt (and into the float mask's gradient when write_dmask). Returns the (dropped) probabilities for dV: St, or
+  // with dropout Pdt. St, dPt, Pdt: Bc x Nq.
+  auto tile_gradients = [&](const QueryTile& t, int64_t z, int64_t h, int64_t l0, int64_t rows, int64_t s0,
+                            int64_t cols, T* St, T* dPt, T* Pdt, bool write_dmask) -> const T* {
+    const int64_t zhk = z * d.Hkv + h / d.group, row0 = (z * d.Hq + h) * d.L + l0, n = round_up(rows, 16);
+    gemm::matmul<T>(cols, n, d.E, k + (zhk * d.S + s0) * d.E, d.E, t.Qt, t.ld, St, Nq);
+    apply_masks_transposed(St, Nq, rows, cols, z, h, l0, s0, causal, mask);
+    gemm::matmul<T>(cols, n, d.Ev, v + (zhk * d.S + s0) * d.Ev, d.Ev, t.dOt, t.ld, dPt, Nq);
+    probabilities_and_dS(St, dPt, Nq, cols, n, t.shift, t.D, !dr.active());
+    if (dr.active()) {
+      T Z[Bc];
+      for (int64_t r = 0; r < rows; ++r) {
+        dropout_factors(dr, static_cast<uint64_t>((row0 + r) * d.S + s0), cols, Z);
+        for (int64_t c = 0; c < cols; ++c) {
+          const T P = St[c * Nq + r];
+          dPt[c * Nq + r] = P * (dPt[c * Nq + r] * Z[c] - t.D[r]);
+          Pdt[c * Nq + r] = P * Z[c];
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) std::fill(Pdt + c * Nq + rows, Pdt + c * Nq + n, T(0));
+    }
+    if (dmask && write_dmask)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dmask[(row0 + r) * d.S + s0 + c] = dPt[c * Nq + r];
+    return dr.active() ? Pdt : St;
+  };
+  // dV += P^T dO and dK += dS^T Q for keys [s0, s0 + cols) (rows of dV and dK from their first row).
+  auto key_gradients = [&](const T* P, const T* dSt, int64_t row0, int64_t rows, int64_t cols, T* dV, T* dK) {
+    gemm::matmul<T>(cols, Evp, rows, P, Nq, dOr + row0 * Evp, Evp, dV, Evp, true);
+    gemm::matmul<T>(cols, Ep, rows, dSt, Nq, Qr + row0 * Ep, Ep, dK, Ep, true);
+  };
+  auto store = [](const T* src, int64_t ld, int64_t rows, int64_t cols, T alpha, T* dst) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = src[r * ld + c] * alpha;
   };
 
   if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
     at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dQ(kQueryTile * Ep);
-      std::vector<T> dK(Sp * Ep), dV(Sp * Evp);
+      std::vector<T> Qt(d.E * Nq), dOt(d.Ev * Nq), St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
+      std::vector<T> dK(d.S * Ep), dV(d.S * Evp);
+      QueryTile t{Qt.data(), dOt.data(), Nq, {}, {}};
       for (int64_t zhk = begin; zhk < end; ++zhk) {
         const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
-        const T* Kp = Kp_base + zhk * d.S * Ep;
         std::fill(dK.begin(), dK.end(), T(0));
         std::fill(dV.begin(), dV.end(), T(0));
         for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
           for (int64_t qt = 0; qt < q_tiles; ++qt) {
-            const int64_t l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+            const int64_t l0 = qt * Nq, rows = std::min(Nq, d.L - l0), n = round_up(rows, 16);
             const int64_t row0 = (z * d.Hq + h) * d.L + l0;
-            const T* Qs = Qs_base + row0 * Ep;
-            const T* dOp = dO_base + row0 * Evp;
+            transpose(q + row0 * d.E, d.E, rows, d.E, T(scale * kLog2e), Qt.data(), Nq, n);
+            transpose(dout + row0 * d.Ev, d.Ev, rows, d.Ev, T(1), dOt.data(), Nq, n);
+            load_lse_and_D(row0, rows, t);
             std::fill(dQ.begin(), dQ.end(), T(0));
             const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
             for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
               const int64_t cols = std::min(Bc, s_end - s0);
-              const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
-              // dV += P^T dO, dK += dS^T Qs: the tiles read transposed in place
-              gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data() + s0 * Evp, Evp, true);
-              gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp + s0 * Ep, Ep, dQ.data(), Ep, true);  // dQ += dS K
-              gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data() + s0 * Ep, Ep, true);
+              const T* P = tile_gradients(t, z, h, l0, rows, s0, cols, St.data(), dPt.data(), Pdt.data(), true);
+              key_gradients(P, dPt.data(), row0, rows, cols, dV.data() + s0 * Evp, dK.data() + s0 * Ep);
+              gemm::matmul<T, true>(rows, Ep, cols, dPt.data(), Nq, Kr + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep,
+                                    true);  // dQ += dS K
             }
-            T* dqh = dq + row0 * d.E;
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t e = 0; e < d.E; ++e) dqh[r * d.E + e] = dQ[r * Ep + e] * scale;
+            store(dQ.data(), Ep, rows, d.E, scale, dq + row0 * d.E);
           }
         }
-        for (int64_t c = 0; c < d.S; ++c) {
-          for (int64_t e = 0; e < d.E; ++e) dk[(zhk * d.S + c) * d.E + e] = dK[c * Ep + e] * T(kLn2);
-          std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dv + (zhk * d.S + c) * d.Ev);
-        }
+        store(dK.data(), Ep, d.S, d.E, scale, dk + zhk * d.S * d.E);
+        store(dV.data(), Evp, d.S, d.Ev, T(1), dv + zhk * d.S * d.Ev);
       }
     });
     return;
   }
 
+  // Two passes, with the query operands packed once for both: (Z * Hq, E or Ev, Lp), transposed, zero-padded.
+  const int64_t Lp = round_up(d.L, Nq);
+  const Tensor Qt_all = pack_heads_transposed(q, d.Z * d.Hq, d.L, d.E, Lp, T(scale * kLog2e), like);
+  const Tensor dOt_all = pack_heads_transposed(dout, d.Z * d.Hq, d.L, d.Ev, Lp, T(1), like);
+  auto query_tile = [&](int64_t zh, int64_t l0, int64_t rows, QueryTile& t) {
+    t.Qt = Qt_all.data_ptr<T>() + zh * d.E * Lp + l0;
+    t.dOt = dOt_all.data_ptr<T>() + zh * d.Ev * Lp + l0;
+    t.ld = Lp;
+    load_lse_and_D(zh * d.L + l0, rows, t);
+  };
+
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dK(Bc * Ep), dV(Bc * Evp);
+    std::vector<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dK(Bc * Ep), dV(Bc * Evp);
+    QueryTile t{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
       const int64_t s0 = kt * Bc, cols = std::min(Bc, d.S - s0);
@@ -448,43 +476,34 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       std::fill(dV.begin(), dV.end(), T(0));
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
         for (int64_t qt = 0; qt < q_tiles; ++qt) {
-          const int64_t l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
+          const int64_t l0 = qt * Nq, rows = std::min(Nq, d.L - l0);
           if (causal && l0 + rows - 1 < s0) continue;  // every query of the tile precedes every key of ours
-          const int64_t row0 = (z * d.Hq + h) * d.L + l0;
-          const T* Qs = Qs_base + row0 * Ep;
-          const T* dOp = dO_base + row0 * Evp;
-          const T* P = tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
-          // dV += P^T dO, dK += dS^T Qs: the tiles read transposed in place
-          gemm::matmul<T, true>(cols, Evp, rows, P, Bc, dOp, Evp, dV.data(), Evp, true);
-          gemm::matmul<T, true>(cols, Ep, rows, dP.data(), Bc, Qs, Ep, dK.data(), Ep, true);
+          query_tile(z * d.Hq + h, l0, rows, t);
+          const T* P = tile_gradients(t, z, h, l0, rows, s0, cols, St.data(), dPt.data(), Pdt.data(), false);
+          key_gradients(P, dPt.data(), (z * d.Hq + h) * d.L + l0, rows, cols, dV.data(), dK.data());
         }
       }
-      T* dkh = dk + (zhk * d.S + s0) * d.E;
-      T* dvh = dv + (zhk * d.S + s0) * d.Ev;
-      for (int64_t c = 0; c < cols; ++c) {
-        for (int64_t e = 0; e < d.E; ++e) dkh[c * d.E + e] = dK[c * Ep + e] * T(kLn2);
-        std::copy(dV.data() + c * Evp, dV.data() + c * Evp + d.Ev, dvh + c * d.Ev);
-      }
+      store(dK.data(), Ep, cols, d.E, scale, dk + (zhk * d.S + s0) * d.E);
+      store(dV.data(), Evp, cols, d.Ev, T(1), dv + (zhk * d.S + s0) * d.Ev);
     }
   });
 
   // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Sb(kQueryTile * Bc), dP(kQueryTile * Bc), Pd(kQueryTile * Bc), dQ(kQueryTile * Ep);
+    std::vector<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
+    QueryTile t{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
-      const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * kQueryTile, rows = std::min(kQueryTile, d.L - l0);
-      const int64_t row0 = (z * d.Hq + h) * d.L + l0;
+      const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * Nq, rows = std::min(Nq, d.L - l0);
+      query_tile(zh, l0, rows, t);
       std::fill(dQ.begin(), dQ.end(), T(0));
       const int64_t s_end = causal ? std::min(d.S, l0 + rows) : d.S;
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
-        tile_gradients(z, h, l0, rows, s0, cols, Sb.data(), dP.data(), Pd.data());
-        gemm::matmul<T>(rows, Ep, cols, dP.data(), Bc, Kp_base + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
+        tile_gradients(t, z, h, l0, rows, s0, cols, St.data(), dPt.data(), Pdt.data(), true);
+        gemm::matmul<T, true>(rows, Ep, cols, dPt.data(), Nq, Kr + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
       }
-      T* dqh = dq + row0 * d.E;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t e = 0; e < d.E; ++e) dqh[r * d.E + e] = dQ[r * Ep + e] * scale;
+      store(dQ.data(), Ep, rows, d.E, scale, dq + (zh * d.L + l0) * d.E);
     }
   });
 }
