@@ -46,7 +46,9 @@ namespace {
 using at::Tensor;
 using gemm::round_up;
 
-constexpr int64_t kQueryTile = 64;
+// Queries per tile: 3 vectors of float32, so the O += P V matmul's rows split evenly into 6-row register tiles
+// (with 64, a 4-row remainder cost about 3%); 64 and 96 measured slower overall.
+constexpr int64_t kQueryTile = 48;
 constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
 
 // Keys per tile: two full register tiles of columns (96 float32 with AVX-512).
@@ -96,12 +98,28 @@ struct Mask {
 };
 
 // dst[c][r] = src[r][c] * alpha for r < rows, c < cols (dst row stride ldd); columns rows .. rows_pad zeroed.
+// float: 16 x 16 blocks transposed in registers, the edges element by element.
 template <typename T>
 void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T* dst, int64_t ldd,
                int64_t rows_pad) {
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + rows_pad, T(0));
+  int64_t r16 = 0, c16 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    r16 = rows / 16 * 16;
+    c16 = cols / 16 * 16;
+    for (int64_t r0 = 0; r0 < r16; r0 += 16)
+      for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+        vec_math::vfloat16 x[16];
+        for (int i = 0; i < 16; ++i) {
+          std::memcpy(&x[i], src + (r0 + i) * lds + c0, sizeof x[i]);
+          x[i] *= alpha;
+        }
+        vec_math::transpose16(x);
+        for (int i = 0; i < 16; ++i) std::memcpy(dst + (c0 + i) * ldd + r0, &x[i], sizeof x[i]);
+      }
+  }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;
+    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;
 }
 
 // dst (rows x ldd) = src (rows x cols, row stride lds) * alpha, columns past cols zeroed.
@@ -226,34 +244,63 @@ void softmax_tile(T* St, int64_t ld, int64_t cols, int64_t n, T* m, T* l, T* alp
   }
 }
 
-template <>
-void softmax_tile<float>(float* St, int64_t ld, int64_t cols, int64_t n, float* m, float* l, float* alpha) {
+// float: the NJ vectors of 16 query columns side by side, one key row at a time, so the max and the sum run as NJ
+// (the max as 2 NJ) independent chains rather than one chain per vector, which latency bound the max pass.
+template <int NJ>
+void softmax_tile_float(float* St, int64_t ld, int64_t cols, float* m, float* l, float* alpha) {
   using vec_math::vfloat16;
   const vfloat16 neg_inf = vfloat16{} - __builtin_inff();
-  for (int64_t r = 0; r < n; r += 16) {
-    vfloat16 mx, mo, acc{};
-    std::memcpy(&mo, m + r, sizeof mo);
-    mx = mo;
-    for (int64_t c = 0; c < cols; ++c) {
-      vfloat16 v;
-      std::memcpy(&v, St + c * ld + r, sizeof v);
-      mx = v > mx ? v : mx;
+  vfloat16 mo[NJ], mx[NJ], mx2[NJ], shift[NJ], acc[NJ];
+  for (int j = 0; j < NJ; ++j) {
+    std::memcpy(&mo[j], m + 16 * j, sizeof mo[j]);
+    mx[j] = mo[j];
+    mx2[j] = neg_inf;
+    acc[j] = vfloat16{};
+  }
+  int64_t c = 0;
+  for (; c + 2 <= cols; c += 2)
+    for (int j = 0; j < NJ; ++j) {
+      vfloat16 v, w;
+      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
+      std::memcpy(&w, St + (c + 1) * ld + 16 * j, sizeof w);
+      mx[j] = v > mx[j] ? v : mx[j];
+      mx2[j] = w > mx2[j] ? w : mx2[j];
     }
-    const vfloat16 shift = mx == neg_inf ? vfloat16{} : mx;
-    const vfloat16 a = mo == mx ? vfloat16{} + 1.0f : vec_math::exp2_nonpositive16(mo - shift);
-    for (int64_t c = 0; c < cols; ++c) {
+  for (int j = 0; j < NJ; ++j) {
+    if (c < cols) {
       vfloat16 v;
-      std::memcpy(&v, St + c * ld + r, sizeof v);
-      v = vec_math::exp2_nonpositive16(v - shift);
-      std::memcpy(St + c * ld + r, &v, sizeof v);
-      acc += v;
+      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
+      mx[j] = v > mx[j] ? v : mx[j];
     }
+    mx[j] = mx2[j] > mx[j] ? mx2[j] : mx[j];
+    shift[j] = mx[j] == neg_inf ? vfloat16{} : mx[j];  // no key yet: 2^-inf = 0 everywhere
+  }
+  for (c = 0; c < cols; ++c)
+    for (int j = 0; j < NJ; ++j) {
+      vfloat16 v;
+      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
+      v = vec_math::exp2_nonpositive16(v - shift[j]);
+      std::memcpy(St + c * ld + 16 * j, &v, sizeof v);
+      acc[j] += v;
+    }
+  for (int j = 0; j < NJ; ++j) {
+    const vfloat16 a = mo[j] == mx[j] ? vfloat16{} + 1.0f : vec_math::exp2_nonpositive16(mo[j] - shift[j]);
     vfloat16 lo;
-    std::memcpy(&lo, l + r, sizeof lo);
-    lo = lo * a + acc;
-    std::memcpy(l + r, &lo, sizeof lo);
-    std::memcpy(m + r, &mx, sizeof mx);
-    std::memcpy(alpha + r, &a, sizeof a);
+    std::memcpy(&lo, l + 16 * j, sizeof lo);
+    lo = lo * a + acc[j];
+    std::memcpy(l + 16 * j, &lo, sizeof lo);
+    std::memcpy(m + 16 * j, &mx[j], sizeof mx[j]);
+    std::memcpy(alpha + 16 * j, &a, sizeof a);
+  }
+}
+
+template <>
+void softmax_tile<float>(float* St, int64_t ld, int64_t cols, int64_t n, float* m, float* l, float* alpha) {
+  static_assert(kQueryTile == 48, "softmax_tile<float> handles 1 to 3 vectors of 16 query columns");
+  switch (n / 16) {
+    case 1: softmax_tile_float<1>(St, ld, cols, m, l, alpha); break;
+    case 2: softmax_tile_float<2>(St, ld, cols, m, l, alpha); break;
+    default: softmax_tile_float<3>(St, ld, cols, m, l, alpha); break;
   }
 }
 

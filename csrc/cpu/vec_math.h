@@ -48,7 +48,7 @@ inline vfloat16 exp16(vfloat16 x) {
 // where the scale 2^n, built from n's bits, is exactly 0: so the result is 0 for t < -126.5 (-inf included)
 // and no separate underflow test is needed. NaN propagates. About half the work of exp16, which must handle
 // the whole range.
-inline vfloat16 exp2_nonpositive16(vfloat16 t) {
+__attribute__((always_inline)) inline vfloat16 exp2_nonpositive16(vfloat16 t) {
   t = t < -127.0f ? vfloat16{} - 127.0f : t;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: the sum's low mantissa bits hold round(t)
   const vfloat16 shifted = t + round_magic;
