@@ -63,18 +63,27 @@ inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restri
                          T* __restrict__ C, int64_t ldc, int64_t K, bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = lanes<T>();
+  // (The loops over the tile are unrolled explicitly: left to GCC, the epilogue's were not, which kept the
+  // accumulators in a stack array, zeroed and reloaded through memory around the k loop.)
   V acc[MR][NR];
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = V{};
   for (int64_t k = 0; k < K; ++k) {
     V b[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) b[n] = *reinterpret_cast<const V*>(B + k * ldb + n * L);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const T a = *a_at<TA>(A, lda, m, k);
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] += a * b[n];
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) {
       V* c = reinterpret_cast<V*>(C + m * ldc + n * L);
       *c = accumulate ? *c + acc[m][n] : acc[m][n];
