@@ -12,8 +12,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -53,14 +55,62 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return sum;
 }
 
-// (B, rows) = x @ w_ih^T + h @ w_hh^T for a small batch, parallel over gate rows when there is enough work.
+// float: 16 gate rows at once, one accumulator vector per row over the input then the hidden part; the 16 lane
+// partials are summed by one in-register transpose and a tree of adds, instead of a horizontal sum per row.
+inline void add_row_products16(const float* v, int64_t n, const float* w, vec_math::vfloat16 (&acc)[16]) {
+  using vec_math::vfloat16;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    vfloat16 xv;
+    std::memcpy(&xv, v + k, sizeof xv);
+    for (int i = 0; i < 16; ++i) {
+      vfloat16 wv;
+      std::memcpy(&wv, w + i * n + k, sizeof wv);
+      acc[i] += wv * xv;
+    }
+  }
+  if (k < n) {  // the last n - k columns, zero-padded
+    vfloat16 xv{};
+    std::memcpy(&xv, v + k, (n - k) * sizeof(float));
+    for (int i = 0; i < 16; ++i) {
+      vfloat16 wv{};
+      std::memcpy(&wv, w + i * n + k, (n - k) * sizeof(float));
+      acc[i] += wv * xv;
+    }
+  }
+}
+
+inline vec_math::vfloat16 rows16_matvec(const float* x, int64_t I, const float* h, int64_t H, const float* w_ih,
+                                        const float* w_hh) {
+  vec_math::vfloat16 acc[16] = {};
+  add_row_products16(x, I, w_ih, acc);
+  add_row_products16(h, H, w_hh, acc);
+  vec_math::transpose16(acc);  // acc[i][j]: lane i's partial of row j
+  for (int step = 8; step >= 1; step /= 2)
+    for (int i = 0; i < step; ++i) acc[i] += acc[i + step];
+  return acc[0];
+}
+
+// (B, rows) = x @ w_ih^T + h @ w_hh^T for a small batch, parallel over blocks of 16 gate rows when there is enough
+// work (each output element is summed the same way whichever thread computes it).
 template <typename T>
 void small_batch_matmul(const T* x, int64_t I, const T* h, int64_t H, const T* w_ih, const T* w_hh, int64_t B,
                         int64_t rows, T* out) {
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, B * (I + H)));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  const int64_t blocks = (rows + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 16 * B * (I + H)));
+  at::parallel_for(0, blocks, grain, [&](int64_t blk0, int64_t blk1) {
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = r0; r < r1; ++r) out[b * rows + r] = dot(x + b * I, w_ih + r * I, I) + dot(h + b * H, w_hh + r * H, H);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t r0 = blk * 16, r1 = std::min(rows, r0 + 16);
+        if constexpr (std::is_same_v<T, float>) {
+          if (r1 - r0 == 16) {
+            const vec_math::vfloat16 y = rows16_matvec(x + b * I, I, h + b * H, H, w_ih + r0 * I, w_hh + r0 * H);
+            std::memcpy(out + b * rows + r0, &y, sizeof y);
+            continue;
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) out[b * rows + r] = dot(x + b * I, w_ih + r * I, I) + dot(h + b * H, w_hh + r * H, H);
+      }
   });
 }
 
