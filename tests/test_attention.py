@@ -147,6 +147,16 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     check_fully_masked_rows(ours)
 
 
+@pytest.mark.parametrize("Ev", [8, 64, 100, 130])
+def test_single_key_gives_exactly_zero_query_and_key_gradients(Ev):
+    """With one key every probability is exactly 1, so dS = P * (dP - rowsum(dO * O)) must be exactly 0: the
+    backward's rowsum has to be summed in the order of dP's matmul (value head dims across panels of 64)."""
+    q, k, v = make((2, 3), (2, 3), 40, 1, 24, Ev, torch.float32)
+    out = ours(q, k, v)
+    gq, gk = torch.autograd.grad(out, (q, k), torch.randn_like(out))
+    assert torch.equal(gq, torch.zeros_like(gq)) and torch.equal(gk, torch.zeros_like(gk))
+
+
 @pytest.mark.parametrize("causal, mask", [(False, None), (True, None), (False, "float")])
 def test_gradcheck(causal, mask):
     q, k, v = make((1, 2), (1, 2), 5, 7, 3, 4, torch.float64)

@@ -554,6 +554,42 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   });
 }
 
+// D[r] = rowsum(dO * O) for rows [r0, r0 + n), n <= 16, in exactly gemm::dot_like_matmul's order (which is the
+// order in which dP = dO V^T is summed, so D cancels dP exactly where a probability is exactly one). float, 16
+// full rows: the rows side by side in the lanes of one vector, their columns brought together by in-register
+// transposes, so each row's chain of multiply-adds runs as it does in the scalar loop.
+template <typename T>
+void row_dots(const T* g, const T* o, int64_t r0, int64_t n, int64_t Ev, T* D) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == 16) {
+      using vec_math::vfloat16;
+      vfloat16 total{}, acc{};
+      for (int64_t e0 = 0; e0 < Ev; e0 += 16) {
+        const int64_t w = std::min<int64_t>(16, Ev - e0);
+        vfloat16 x[16], y[16];
+        for (int i = 0; i < 16; ++i) {
+          x[i] = y[i] = vfloat16{};
+          std::memcpy(&x[i], g + (r0 + i) * Ev + e0, w * sizeof(float));
+          std::memcpy(&y[i], o + (r0 + i) * Ev + e0, w * sizeof(float));
+        }
+        vec_math::transpose16(x);
+        vec_math::transpose16(y);
+        for (int64_t j = 0; j < w; ++j) {
+          if ((e0 + j) % gemm::kPanel == 0 && e0 + j > 0) {  // a panel ends: add it to the total, as matmul does
+            total = e0 + j == gemm::kPanel ? acc : total + acc;
+            acc = vfloat16{};
+          }
+          acc += x[j] * y[j];
+        }
+      }
+      total = Ev <= gemm::kPanel ? acc : total + acc;
+      std::memcpy(D + r0, &total, sizeof total);
+      return;
+    }
+  }
+  for (int64_t r = r0; r < r0 + n; ++r) D[r] = gemm::dot_like_matmul(g + r * Ev, o + r * Ev, Ev);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Op entry points
 
@@ -647,8 +683,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& grad_out, cons
     const scalar_t* g = go.data_ptr<scalar_t>();
     const scalar_t* o = out_c.data_ptr<scalar_t>();
     scalar_t* Dp = D.data_ptr<scalar_t>();
-    at::parallel_for(0, d.Z * d.Hq * d.L, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) Dp[r] = gemm::dot_like_matmul(g + r * d.Ev, o + r * d.Ev, d.Ev);
+    const int64_t rows = d.Z * d.Hq * d.L;
+    at::parallel_for(0, (rows + 15) / 16, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) row_dots(g, o, blk * 16, std::min<int64_t>(16, rows - blk * 16), d.Ev, Dp);
     });
     const Mask<scalar_t> m = mask_view<scalar_t>(op, attn_mask, d, ct);
     attention_backward<scalar_t>(d, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m,
