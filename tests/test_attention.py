@@ -12,8 +12,8 @@ from seqkernels.ops.attention import cpu, function, reference
 
 from conftest import assert_close64, assert_error_rule
 
-# (query batch shape, key/value batch shape, L, S, E, Ev, enable_gqa): partial tiles (48 queries by 96 keys in
-# float32, 48 in float64) of 1, 2 and 3 vectors of queries, L or S = 1,
+# (query batch shape, key/value batch shape, L, S, E, Ev, enable_gqa): partial tiles (48 queries by 96 keys in the
+# float32 forward and 144 in its backward, by 48 and 72 in float64) of 1, 2 and 3 vectors of queries, L or S = 1,
 # L != S both ways, head dims 8, 24, 80, 128 and Ev != E, 3-D / 4-D / 5-D inputs, grouped-query attention, and
 # heads broadcast without enable_gqa.
 SHAPES = [
@@ -25,6 +25,8 @@ SHAPES = [
     ((1, 4), (1, 2), 70, 90, 24, 24, True),
     ((2, 6), (2, 1), 20, 30, 16, 8, True),
     ((2, 3), (2, 1), 40, 50, 8, 8, False),
+    ((1, 2), (1, 2), 60, 200, 32, 32, False),
+    ((2, 2), (2, 2), 150, 300, 16, 48, False),
 ]
 
 
