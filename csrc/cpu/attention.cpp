@@ -49,9 +49,10 @@ using gemm::round_up;
 // Queries per tile: 3 vectors of float32, so the O += P V matmul's rows split evenly into 6-row register tiles
 // (with 64, a 4-row remainder cost about 3%); 64 and 96 measured slower overall.
 constexpr int64_t kQueryTile = 48;
-constexpr double kLog2e = 1.4426950408889634, kLn2 = 0.6931471805599453;
+constexpr double kLog2e = 1.4426950408889634;
 
-// Keys per tile: two full register tiles of columns (96 float32 with AVX-512).
+// Keys per tile in the forward: 96 float32 with AVX-512 (the rows of the transposed score tile: 12 register
+// tiles of 8 rows, and the depth of O += P V); 64 measured the same.
 template <typename T>
 constexpr int64_t key_tile() {
   return 2 * gemm::kColBlock * gemm::lanes<T>();
@@ -112,18 +113,9 @@ void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + rows_pad, T(0));
   int64_t r16 = 0, c16 = 0;
   if constexpr (std::is_same_v<T, float>) {
+    vec_math::transpose_blocks16(rows, cols, [&](int64_t r) { return src + r * lds; }, alpha, dst, ldd);
     r16 = rows / 16 * 16;
     c16 = cols / 16 * 16;
-    for (int64_t r0 = 0; r0 < r16; r0 += 16)
-      for (int64_t c0 = 0; c0 < c16; c0 += 16) {
-        vec_math::vfloat16 x[16];
-        for (int i = 0; i < 16; ++i) {
-          std::memcpy(&x[i], src + (r0 + i) * lds + c0, sizeof x[i]);
-          x[i] *= alpha;
-        }
-        vec_math::transpose16(x);
-        for (int i = 0; i < 16; ++i) std::memcpy(dst + (c0 + i) * ldd + r0, &x[i], sizeof x[i]);
-      }
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;

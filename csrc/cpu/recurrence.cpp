@@ -231,15 +231,9 @@ void pack_transposed(const T* W, int64_t ld, int64_t rows, RowOf row_of, int64_t
                      int64_t ldo) {
   int64_t r16 = 0, k16 = 0;
   if constexpr (std::is_same_v<T, float>) {
+    vec_math::transpose_blocks16(rows, K, [&](int64_t r) { return W + row_of(r) * ld + k0; }, 1.0f, out, ldo);
     r16 = rows / 16 * 16;
     k16 = K / 16 * 16;
-    for (int64_t r = 0; r < r16; r += 16)
-      for (int64_t k = 0; k < k16; k += 16) {
-        vec_math::vfloat16 x[16];
-        for (int i = 0; i < 16; ++i) std::memcpy(&x[i], W + row_of(r + i) * ld + k0 + k, sizeof x[i]);
-        vec_math::transpose16(x);
-        for (int i = 0; i < 16; ++i) std::memcpy(out + (k + i) * ldo + r, &x[i], sizeof x[i]);
-      }
   }
   for (int64_t k = 0; k < K; ++k) {
     T* dst = out + k * ldo;

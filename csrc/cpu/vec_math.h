@@ -131,6 +131,22 @@ inline void transpose16(vfloat16 (&x)[16]) {
 #undef SEQKERNELS_TRANSPOSE_STAGE
 #undef SEQKERNELS_LIST
 
+// The whole 16 x 16 blocks of a matrix transpose, each through registers: dst[c * ldd + r] = row(r)[c] * alpha
+// for r < rows / 16 * 16, c < cols / 16 * 16, where row(r) points at row r. The caller does the edges.
+template <typename RowPtr>
+inline void transpose_blocks16(int64_t rows, int64_t cols, RowPtr row, float alpha, float* dst, int64_t ldd) {
+  for (int64_t r0 = 0; r0 + 16 <= rows; r0 += 16)
+    for (int64_t c0 = 0; c0 + 16 <= cols; c0 += 16) {
+      vfloat16 x[16];
+      for (int i = 0; i < 16; ++i) {
+        std::memcpy(&x[i], row(r0 + i) + c0, sizeof x[i]);
+        x[i] *= alpha;
+      }
+      transpose16(x);
+      for (int i = 0; i < 16; ++i) std::memcpy(dst + (c0 + i) * ldd + r0, &x[i], sizeof x[i]);
+    }
+}
+
 template <typename F>
 inline void map_float(const float* in, float* out, int64_t n, F f) {
   int64_t i = 0;
