@@ -25,7 +25,10 @@ def extensions():
         glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)
     )
     arch = os.environ.get("SEQKERNELS_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
+    # -Wno-psabi: without AVX-512 (x86-64-v3, say), GCC notes that 64-byte vector arguments change the calling
+    # convention; the functions taking them are inline, within one file, so no call crosses that boundary.
+    cxx_flags = ["-O3", "-std=c++17", f"-march={arch}", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-Wall",
+                 "-Wno-unused-function", "-Wno-psabi"]
     build_cuda = torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources
     if build_cuda:
         ext = CUDAExtension(

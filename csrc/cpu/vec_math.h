@@ -39,7 +39,7 @@ inline vfloat16 exp16(vfloat16 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vint16 bits = (__builtin_convertvector(n, vint16) + 127) << 23;
-  const vfloat16 e = p * reinterpret_cast<const vfloat16&>(bits);
+  const vfloat16 e = p * (vfloat16)bits;  // a cast between same-size vector types reinterprets the bits
   return underflow ? vfloat16{} : e;
 }
 
@@ -59,8 +59,8 @@ __attribute__((always_inline)) inline vfloat16 exp2_nonpositive16(vfloat16 t) {
   p = p * r + 0.24022647738456726f;
   p = p * r + 0.6931471824645996f;
   p = p * r + 1.0f;
-  const vint16 bits = (reinterpret_cast<const vint16&>(shifted) << 23) + (127 << 23);  // n + 127 in the exponent
-  return p * reinterpret_cast<const vfloat16&>(bits);
+  const vint16 bits = (((vint16)shifted) << 23) + (127 << 23);  // n + 127 in the exponent (bit casts, as in exp16)
+  return p * (vfloat16)bits;
 }
 
 inline vfloat16 sigmoid16(vfloat16 x) {
