@@ -22,8 +22,9 @@
 // Dropout: probability (z, h, l, s) is kept when the counter-based hash of (seed, its flat index in (Z, Hq, L, S))
 // gives u >= p (seqkernels.ops.attention.reference.dropout_keep computes the same), and kept ones are scaled by
 // 1 / (1 - p). Nothing is stored: the backward regenerates the same decisions from the seed.
-// The backward's operands are packed once per call into padded, matmul-ready layouts (K^T, V^T, scaled Q, ...),
-// rather than per pair of tiles, where the copies cost a third of the time.
+// Operands are read as stored where they can be: only query tiles are transposed, once per tile rather than per
+// pair of tiles (the two-pass backward transposes Q and dO once per call), and rows are padded to whole vectors
+// only where a head dim needs it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -121,17 +122,17 @@ void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T
     for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;
 }
 
-// dst (rows x ldd) = src (rows x cols, row stride lds) * alpha, columns past cols zeroed.
+// dst (rows x ldd) = src (rows x cols, row stride lds), columns past cols zeroed.
 template <typename T>
-void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T* dst, int64_t ldd) {
+void copy_rows(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[r * ldd + c] = src[r * lds + c] * alpha;
+    std::copy(src + r * lds, src + r * lds + cols, dst + r * ldd);
     for (int64_t c = cols; c < ldd; ++c) dst[r * ldd + c] = T(0);
   }
 }
 
-// Per-head packed copies of a (Z * heads, n, dim) tensor, in parallel over heads, scaled by alpha:
-// transposed (heads, dim, n_pad), or padded rows (heads, n, dim_pad). Padding is zero.
+// Per-head packed copies of a (Z * heads, n, dim) tensor, in parallel over heads: transposed and scaled by alpha
+// (heads, dim, n_pad), or padded rows (heads, n, dim_pad). Padding is zero.
 template <typename T>
 Tensor pack_heads_transposed(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t n_pad, T alpha,
                              const Tensor& like) {
@@ -144,12 +145,11 @@ Tensor pack_heads_transposed(const T* src, int64_t heads, int64_t n, int64_t dim
 }
 
 template <typename T>
-Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t dim_pad, T alpha,
-                       const Tensor& like) {
+Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int64_t dim_pad, const Tensor& like) {
   Tensor out = at::empty({heads, n, dim_pad}, like.options());
   T* o = out.data_ptr<T>();
   at::parallel_for(0, heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t h = b; h < e; ++h) copy_rows(src + h * n * dim, dim, n, dim, alpha, o + h * n * dim_pad, dim_pad);
+    for (int64_t h = b; h < e; ++h) copy_rows(src + h * n * dim, dim, n, dim, o + h * n * dim_pad, dim_pad);
   });
   return out;
 }
@@ -315,7 +315,7 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
   const int64_t q_tiles = (d.L + Nq - 1) / Nq;
   const int64_t Evp = round_up(d.Ev, L_);
   Tensor Vp_all;
-  if (Evp != d.Ev) Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, T(1), like);  // (heads, S, Evp)
+  if (Evp != d.Ev) Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, like);  // (heads, S, Evp)
   const T* Vp_base = Evp != d.Ev ? Vp_all.data_ptr<T>() : v;
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> Qt(d.E * Nq), St(Bc * Nq), O(Nq * Evp), m(Nq), l(Nq), alpha(Nq), Z(Nq);
@@ -406,10 +406,10 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
   const int64_t Ep = round_up(d.E, L_), Evp = round_up(d.Ev, L_);
   Tensor Kp_all, Qp_all, dOp_all;  // padded rows, only where a head dim is not whole vectors
   if (Ep != d.E) {
-    Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, T(1), like);
-    Qp_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, T(1), like);
+    Kp_all = pack_heads_rows(k, d.Z * d.Hkv, d.S, d.E, Ep, like);
+    Qp_all = pack_heads_rows(q, d.Z * d.Hq, d.L, d.E, Ep, like);
   }
-  if (Evp != d.Ev) dOp_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, T(1), like);
+  if (Evp != d.Ev) dOp_all = pack_heads_rows(dout, d.Z * d.Hq, d.L, d.Ev, Evp, like);
   const T* Kr = Ep != d.E ? Kp_all.data_ptr<T>() : k;      // (Z * Hkv, S, Ep)
   const T* Qr = Ep != d.E ? Qp_all.data_ptr<T>() : q;      // (Z * Hq, L, Ep)
   const T* dOr = Evp != d.Ev ? dOp_all.data_ptr<T>() : dout;  // (Z * Hq, L, Evp)
@@ -454,6 +454,10 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
         for (int64_t c = 0; c < cols; ++c) dmask[(row0 + r) * d.S + s0 + c] = dPt[c * Nq + r];
     return dr.active() ? Pdt : St;
   };
+  // dQ += dS K for keys [s0, s0 + cols) of key/value head zhk.
+  auto query_gradient = [&](const T* dSt, int64_t rows, int64_t zhk, int64_t s0, int64_t cols, T* dQ) {
+    gemm::matmul<T, true>(rows, Ep, cols, dSt, Nq, Kr + (zhk * d.S + s0) * Ep, Ep, dQ, Ep, true);
+  };
   // dV += P^T dO and dK += dS^T Q for keys [s0, s0 + cols) (rows of dV and dK from their first row).
   auto key_gradients = [&](const T* P, const T* dSt, int64_t row0, int64_t rows, int64_t cols, T* dV, T* dK) {
     gemm::matmul<T>(cols, Evp, rows, P, Nq, dOr + row0 * Evp, Evp, dV, Evp, true);
@@ -486,8 +490,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
               const int64_t cols = std::min(Bc, s_end - s0);
               const T* P = tile_gradients(t, z, h, l0, rows, s0, cols, St.data(), dPt.data(), Pdt.data(), true);
               key_gradients(P, dPt.data(), row0, rows, cols, dV.data() + s0 * Evp, dK.data() + s0 * Ep);
-              gemm::matmul<T, true>(rows, Ep, cols, dPt.data(), Nq, Kr + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep,
-                                    true);  // dQ += dS K
+              query_gradient(dPt.data(), rows, zhk, s0, cols, dQ.data());
             }
             store(dQ.data(), Ep, rows, d.E, scale, dq + row0 * d.E);
           }
@@ -546,7 +549,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
       for (int64_t s0 = 0; s0 < s_end; s0 += Bc) {
         const int64_t cols = std::min(Bc, s_end - s0);
         tile_gradients(t, z, h, l0, rows, s0, cols, St.data(), dPt.data(), Pdt.data(), true);
-        gemm::matmul<T, true>(rows, Ep, cols, dPt.data(), Nq, Kr + (zhk * d.S + s0) * Ep, Ep, dQ.data(), Ep, true);
+        query_gradient(dPt.data(), rows, zhk, s0, cols, dQ.data());
       }
       store(dQ.data(), Ep, rows, d.E, scale, dq + (zh * d.L + l0) * d.E);
     }
@@ -567,9 +570,8 @@ void row_dots(const T* g, const T* o, int64_t r0, int64_t n, int64_t Ev, T* D) {
         const int64_t w = std::min<int64_t>(16, Ev - e0);
         vfloat16 x[16], y[16];
         for (int i = 0; i < 16; ++i) {
-          x[i] = y[i] = vfloat16{};
-          std::memcpy(&x[i], g + (r0 + i) * Ev + e0, w * sizeof(float));
-          std::memcpy(&y[i], o + (r0 + i) * Ev + e0, w * sizeof(float));
+          x[i] = vec_math::load16(g + (r0 + i) * Ev + e0, w);
+          y[i] = vec_math::load16(o + (r0 + i) * Ev + e0, w);
         }
         vec_math::transpose16(x);
         vec_math::transpose16(y);

@@ -60,7 +60,7 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
 inline void add_row_products16(const float* v, int64_t n, const float* w, vec_math::vfloat16 (&acc)[16]) {
   using vec_math::vfloat16;
   int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
+  for (; k + 16 <= n; k += 16) {  // whole vectors, without load16's length test (it cost 10% of the op here)
     vfloat16 xv;
     std::memcpy(&xv, v + k, sizeof xv);
     for (int i = 0; i < 16; ++i) {
@@ -70,13 +70,8 @@ inline void add_row_products16(const float* v, int64_t n, const float* w, vec_ma
     }
   }
   if (k < n) {  // the last n - k columns, zero-padded
-    vfloat16 xv{};
-    std::memcpy(&xv, v + k, (n - k) * sizeof(float));
-    for (int i = 0; i < 16; ++i) {
-      vfloat16 wv{};
-      std::memcpy(&wv, w + i * n + k, (n - k) * sizeof(float));
-      acc[i] += wv * xv;
-    }
+    const vfloat16 xv = vec_math::load16(v + k, n - k);
+    for (int i = 0; i < 16; ++i) acc[i] += vec_math::load16(w + i * n + k, n - k) * xv;
   }
 }
 

@@ -1,4 +1,4 @@
-// Vectorized sigmoid and tanh over arrays, for the gate activations, and the softmax's 2^x with its sum.
+// Vectorized sigmoid and tanh over arrays, for the gate activations; the softmax's 2^x; 16 x 16 transposes.
 //
 // float: 16 lanes at a time (one AVX-512 register, two AVX2 ones), written with GCC/Clang vector extensions:
 // relying on auto-vectorization proved fragile, since GCC would not always if-convert the range clamps.
@@ -84,28 +84,6 @@ inline vfloat16 tanh16(vfloat16 x) {
   return ax < 0.625f ? small : large;
 }
 
-typedef float vfloat8 __attribute__((vector_size(32)));
-typedef float vfloat4 __attribute__((vector_size(16)));
-
-// Horizontal sum and max of the 16 lanes: halves combined pairwise (a fixed order, 4 steps deep rather than a
-// chain of 15 dependent scalar operations).
-inline float hsum16(vfloat16 v) {
-  const vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vfloat4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline float hmax16(vfloat16 v) {
-  const vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
-                b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vfloat8 c = a > b ? a : b;
-  const vfloat4 d = __builtin_shufflevector(c, c, 0, 1, 2, 3), e = __builtin_shufflevector(c, c, 4, 5, 6, 7);
-  const vfloat4 f = d > e ? d : e;
-  const float g = f[0] > f[2] ? f[0] : f[2], h = f[1] > f[3] ? f[1] : f[3];
-  return g > h ? g : h;
-}
-
 // In-register transpose of a 16 x 16 block held as 16 row vectors: four stages, each swapping one bit of the row
 // index with the same bit of the column index across pairs of rows i, i | bit (64 two-source shuffles in all).
 // Row i keeps its columns whose bit is clear and takes row i|bit's columns without the bit (LO); row i|bit takes
@@ -147,6 +125,16 @@ inline void transpose_blocks16(int64_t rows, int64_t cols, RowPtr row, float alp
     }
 }
 
+// The first min(n, 16) floats at p, zero-padded to a vector.
+inline vfloat16 load16(const float* p, int64_t n) {
+  vfloat16 v{};
+  if (n >= 16)
+    std::memcpy(&v, p, sizeof v);
+  else
+    std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
 template <typename F>
 inline void map_float(const float* in, float* out, int64_t n, F f) {
   int64_t i = 0;
@@ -157,64 +145,13 @@ inline void map_float(const float* in, float* out, int64_t n, F f) {
     std::memcpy(out + i, &r, sizeof r);
   }
   if (i < n) {
-    vfloat16 v{};
-    std::memcpy(&v, in + i, (n - i) * sizeof(float));
-    const vfloat16 r = f(v);
+    const vfloat16 r = f(load16(in + i, n - i));
     std::memcpy(out + i, &r, (n - i) * sizeof(float));
   }
 }
 
 inline void sigmoid(const float* in, float* out, int64_t n) { map_float(in, out, n, sigmoid16); }
 inline void tanh(const float* in, float* out, int64_t n) { map_float(in, out, n, tanh16); }
-
-// max(x[0..n)) (-inf for n = 0), 16 lanes at a time.
-inline float max(const float* x, int64_t n) {
-  const float neg_inf = -__builtin_inff();
-  vfloat16 m = vfloat16{} + neg_inf;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    vfloat16 v;
-    std::memcpy(&v, x + i, sizeof v);
-    m = v > m ? v : m;
-  }
-  float r = hmax16(m);
-  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
-  return r;
-}
-
-// x[i] = 2^(x[i] - shift) in place, for a finite shift >= max(x) (or barely below it: the backward's saved
-// log-sum-exp); returns their sum (lane partials added in a fixed order: hsum16).
-inline float exp2_shifted_sum(float* x, int64_t n, float shift) {
-  vfloat16 acc{};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    vfloat16 v;
-    std::memcpy(&v, x + i, sizeof v);
-    v = exp2_nonpositive16(v - shift);
-    std::memcpy(x + i, &v, sizeof v);
-    acc += v;
-  }
-  if (i < n) {
-    vfloat16 v = vfloat16{} - __builtin_inff();  // padding lanes give 2^-inf = 0
-    std::memcpy(&v, x + i, (n - i) * sizeof(float));
-    v = exp2_nonpositive16(v - shift);
-    std::memcpy(x + i, &v, (n - i) * sizeof(float));
-    acc += v;
-  }
-  return hsum16(acc);
-}
-
-inline double exp2_shifted_sum(double* x, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp2(x[i] - shift));
-  return sum;
-}
-
-inline double max(const double* x, int64_t n) {
-  double r = -__builtin_inf();
-  for (int64_t i = 0; i < n; ++i) r = x[i] > r ? x[i] : r;
-  return r;
-}
 
 inline void sigmoid(const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.0 / (1.0 + std::exp(-in[i]));
