@@ -1,4 +1,4 @@
-"""Builds seqkernels._C: csrc/registration.cpp and csrc/cpu/*.cpp always; csrc/cuda/*.cu only for a CUDA build.
+"""Builds seqkernels._C: csrc/registration.cpp, csrc/python.cpp and csrc/cpu/*.cpp always; csrc/cuda/*.cu only for a CUDA build.
 
 Environment:
   SEQKERNELS_CPU_ARCH   value for -march (default: native, since the extension is built where it runs;
@@ -20,7 +20,7 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = ["csrc/registration.cpp", "csrc/python.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)) + sorted(
         glob.glob("csrc/cuda/*.cpp", root_dir=ROOT)
     )

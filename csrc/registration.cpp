@@ -1,15 +1,7 @@
 // Every seqkernels op schema, declared once. Backend files register implementations with
 // TORCH_LIBRARY_IMPL(seqkernels, <key>, m); Python registers fake (meta) implementations and autograd.
-#include <Python.h>
+// The Python module itself (seqkernels._C, whose import runs these initializers) is in csrc/python.cpp.
 #include <torch/library.h>
-
-// An empty Python module named _C: importing seqkernels._C loads this shared library, which runs the
-// TORCH_LIBRARY static initializers below. The ops are reached through torch.ops.seqkernels.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "seqkernels C++ ops (see torch.ops.seqkernels)",
-                                          -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(seqkernels, m) {
   // LSTM cell step. gates: the activated gates (i, f, g, o), in float32 for bfloat16 inputs; kept for backward.

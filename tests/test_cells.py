@@ -9,9 +9,10 @@ from seqkernels.ops.lstm import reference
 
 from conftest import assert_close64, assert_error_rule, grads
 
-# (batch, input_size, hidden_size): size 1, odd sizes, an empty batch, and batches large enough that the
-# fused pass is split across threads.
-SHAPES = [(1, 1, 1), (3, 5, 7), (4, 16, 33), (0, 4, 5), (64, 24, 96), (2, 130, 257)]
+# (batch, input_size, hidden_size): size 1, odd sizes, an empty batch, batches large enough that the fused pass
+# is split across threads, and float32 batches <= 4 with hidden_size % 16 == 0, which take the whole step per
+# block of 16 units (input_size 20 and 130 leave partial vectors; 8 blocks of 16 units split across threads).
+SHAPES = [(1, 1, 1), (3, 5, 7), (4, 16, 33), (0, 4, 5), (64, 24, 96), (2, 130, 257), (1, 20, 32), (3, 130, 128)]
 
 
 def _tensor(shape, dtype, noncontiguous=False):
@@ -116,6 +117,31 @@ def test_cpu_kernel(kind, shape, bias, dtype, noncontiguous):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "tanh", "relu"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_no_grad_step(kind, shape, dtype):
+    """Without autograd, the cell runs through the direct step binding (cpu.lstm_cell_step / rnn_cell_step): the
+    same values as the dispatched op, bit for bit, and as accurate as torch."""
+    from seqkernels.ops.lstm import cpu
+
+    gates, torch_fn, ours_fn, _ = _fns(kind)
+    args = [a.detach() if a is not None else None for a in make_cell(gates, *shape, dtype)]
+    args64 = [a.double() for a in args]
+    nl = [] if kind == "lstm" else [kind]
+    with torch.no_grad():
+        outs = ours_fn(*args)
+        step = cpu.lstm_cell_step(*args) if kind == "lstm" else (cpu.rnn_cell_step(*args, *nl),)
+        op = cpu.lstm_cell_fwd(*args)[:2] if kind == "lstm" else (cpu.rnn_cell_fwd(*args, *nl),)
+        outs_t, outs_x = torch_fn(*args), torch_fn(*args64)
+    for i, (o, s, p, ot, ox) in enumerate(zip(outs, step, op, outs_t, outs_x)):
+        assert o.dtype == dtype and torch.equal(o, s) and torch.equal(s, p), f"output {i}"
+        if dtype == torch.float64:
+            assert_close64(f"output {i}", o, ox)
+        else:
+            assert_error_rule(f"output {i}", o, ot, ox)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "tanh", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_kernel_gradcheck(kind, bias):
     gates, _, ours_fn, _ = _fns(kind)
@@ -217,27 +243,38 @@ def test_rnn_cell_bad_nonlinearity():
         seqkernels.rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, "gelu")
 
 
-@pytest.mark.parametrize(
-    "index, value, match",
-    [
-        (1, torch.randn(2, 5), r"hx of shape \[3, 5\]"),
-        (3, torch.randn(19, 4), r"w_ih.size\(0\) to be a positive multiple of 4"),
-        (4, torch.randn(20, 5, dtype=torch.float64), r"w_hh to have the dtype of input"),
-        (0, torch.randn(3, 4, dtype=torch.float16), r"input to have dtype float32, float64 or bfloat16"),
-        (5, torch.randn(7), r"b_ih of shape \[20\]"),
-    ],
-)
-def test_cpp_op_checks_before_touching_memory(index, value, match):
-    """The C++ entry points validate their own arguments: called directly, bad input is an error, not a crash."""
+# Bad arguments for the C++ entry points, as (argument index, value, message): each is checked before any kernel
+# touches memory.
+_BAD_CPP_ARGS = [
+    (1, torch.randn(2, 5), r"hx of shape \[3, 5\]"),
+    (3, torch.randn(19, 4), r"w_ih.size\(0\) to be a positive multiple of 4"),
+    (4, torch.randn(20, 5, dtype=torch.float64), r"w_hh to have the dtype of input"),
+    (0, torch.randn(3, 4, dtype=torch.float16), r"input to have dtype float32, float64 or bfloat16"),
+    (5, torch.randn(7), r"b_ih of shape \[20\]"),
+    (6, None, r"b_ih and b_hh to be both tensors or both None"),
+]
+
+
+@pytest.mark.parametrize("entry", ["op", "step binding"])
+@pytest.mark.parametrize("index, value, match", _BAD_CPP_ARGS)
+def test_cpp_entry_points_check_before_touching_memory(entry, index, value, match):
+    """The C++ entry points validate their own arguments: called directly, bad input is an error, not a crash.
+    The direct step binding (cpu.lstm_cell_step) checks as the dispatched op does."""
+    from seqkernels.ops.lstm import cpu
+
     seqkernels.available_backends()
     args = _lstm_args()
     args[index] = value
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.seqkernels.lstm_cell_fwd(*args)
+        (torch.ops.seqkernels.lstm_cell_fwd if entry == "op" else cpu.lstm_cell_step)(*args)
 
 
-def test_cpp_rnn_op_rejects_bad_nonlinearity():
+@pytest.mark.parametrize("entry", ["op", "step binding"])
+def test_cpp_rnn_entry_points_reject_bad_nonlinearity(entry):
+    from seqkernels.ops.lstm import cpu
+
     seqkernels.available_backends()
     x, h, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in make_cell(1, 3, 4, 5, torch.float32)]
+    fn = torch.ops.seqkernels.rnn_cell_fwd if entry == "op" else cpu.rnn_cell_step
     with pytest.raises(RuntimeError, match=r"nonlinearity to be 'tanh' or 'relu', got 'sigmoid'"):
-        torch.ops.seqkernels.rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, "sigmoid")
+        fn(x, h, w_ih, w_hh, b_ih, b_hh, "sigmoid")

@@ -151,6 +151,29 @@ def test_cells_match_torch(kind, bias, batched, with_hx, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_cells_with_parametrized_weights(kind, grad):
+    """Weights under torch.nn.utils.parametrize are properties, not parameter-dict entries: the cell reads them as
+    attributes, with and without autograd."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ref = getattr(torch.nn, kind)(INPUT_SIZE, HIDDEN)
+    ours = getattr(seqkernels.nn, kind).from_torch(ref)
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh", Double())
+    x = torch.randn(B, INPUT_SIZE)
+    hx = (torch.randn(B, HIDDEN), torch.randn(B, HIDDEN)) if kind == "LSTMCell" else torch.randn(B, HIDDEN)
+    with torch.set_grad_enabled(grad):
+        expected, got = ref(x, hx), ours(x, hx)
+    for a, b in zip(got if kind == "LSTMCell" else [got], expected if kind == "LSTMCell" else [expected]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "RNN"])
 def test_dropout_between_layers_matches_torch(kind):
     """Dropout draws the same masks as torch under the same seed (one mask per layer output, as torch)."""

@@ -8,7 +8,9 @@
 // bfloat16 arguments are computed in float32 (matmul accumulation, activations and state) and rounded once on
 // output.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "cells.h"
 #include "gemm_kernel.h"
 #include "vec_math.h"
 
@@ -122,8 +125,8 @@ Tensor input_and_hidden_matmul(const Tensor& x, const Tensor& w_ih, const Tensor
     });
     return out;
   }
-  Tensor out = at::mm(x.to(ct), w_ih.to(ct).t());
-  out.addmm_(h.to(ct), w_hh.to(ct).t());
+  Tensor out = at::mm(as_type(x, ct), as_type(w_ih, ct).t());
+  out.addmm_(as_type(h, ct), as_type(w_hh, ct).t());
   return out;
 }
 
@@ -131,7 +134,7 @@ Tensor input_and_hidden_matmul(const Tensor& x, const Tensor& w_ih, const Tensor
 Tensor bias_or_zeros(const std::optional<Tensor>& bias, int64_t rows, const Tensor& like) {
   const auto ct = compute_type(like.scalar_type());
   if (!bias.has_value()) return at::zeros({rows}, like.options().dtype(ct));
-  return bias->to(ct).contiguous();
+  return as_type(*bias, ct).contiguous();
 }
 
 // Checks input (B, I), w_ih (gates*H, I), w_hh (gates*H, H) and returns H.
@@ -186,22 +189,81 @@ void lstm_pointwise_bwd(const T* __restrict__ gates, const T* __restrict__ c_pre
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& cx,
-                                                 const Tensor& w_ih, const Tensor& w_hh,
-                                                 const std::optional<Tensor>& b_ih,
-                                                 const std::optional<Tensor>& b_hh) {
-  constexpr const char* op = "seqkernels::lstm_cell_fwd";
-  const int64_t H = check_cell_weights(op, input, w_ih, w_hh, 4, "(4 * hidden_size, input_size)",
-                                       "(4 * hidden_size, hidden_size)");
-  const int64_t B = input.size(0);
-  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
-  check_arg(op, "cx", cx, {B, H}, "(batch, hidden_size)", "input", input);
-  check_biases(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
+}  // namespace
 
+namespace {
+
+// float, batch <= kSmallBatch, hidden_size % 16 == 0: the whole step per block of 16 hidden units - the four gate
+// matvecs, biases, activations and state update in registers - parallel over unit blocks, each output element
+// computed the same way whichever thread takes its block. `gates` (B, 4H) receives the activated gates.
+void small_batch_lstm_step(const float* x, int64_t I, const float* h, const float* c, const float* w_ih,
+                           const float* w_hh, const float* b_ih, const float* b_hh, int64_t B, int64_t H,
+                           float* gates, float* hy, float* cy) {
+  using vec_math::load16;
+  using vec_math::vfloat16;
+  const int64_t blocks = H / 16;
+  // One thread per `grain` blocks at most. The team is started here rather than by at::parallel_for, whose
+  // bookkeeping costs about a microsecond per call: a tenth of this step at batch 1.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 64 * B * (I + H)));
+  const int team = at::in_parallel_region()
+                       ? 1
+                       : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks / grain)));
+#pragma omp parallel num_threads(team) if (team > 1)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t chunk = (blocks + nt - 1) / nt, u0 = std::min(blocks, tid * chunk), u1 = std::min(blocks, u0 + chunk);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = u0; u < u1; ++u) {
+        vfloat16 g[4];
+        for (int k = 0; k < 4; ++k) {
+          const int64_t r0 = k * H + u * 16;
+          g[k] = rows16_matvec(x + b * I, I, h + b * H, H, w_ih + r0 * I, w_hh + r0 * H) +
+                 (load16(b_ih + r0, 16) + load16(b_hh + r0, 16));
+        }
+        g[0] = vec_math::sigmoid16(g[0]);
+        g[1] = vec_math::sigmoid16(g[1]);
+        g[2] = vec_math::tanh16(g[2]);
+        g[3] = vec_math::sigmoid16(g[3]);
+        const vfloat16 c_new = g[1] * load16(c + b * H + u * 16, 16) + g[0] * g[2];
+        const vfloat16 h_new = g[3] * vec_math::tanh16(c_new);
+        for (int k = 0; k < 4; ++k) std::memcpy(gates + b * 4 * H + k * H + u * 16, &g[k], sizeof g[k]);
+        std::memcpy(cy + b * H + u * 16, &c_new, sizeof c_new);
+        std::memcpy(hy + b * H + u * 16, &h_new, sizeof h_new);
+      }
+  }
+}
+
+// lstm_cell_fwd's work once its arguments are checked. Without keep_gates the activated gates go to a per-thread
+// scratch buffer where they can (the inference step) and the returned gates tensor is undefined.
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_compute(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                                     const Tensor& w_ih, const Tensor& w_hh,
+                                                     const std::optional<Tensor>& b_ih,
+                                                     const std::optional<Tensor>& b_hh, int64_t H,
+                                                     bool keep_gates) {
+  const int64_t B = input.size(0);
   const auto ct = compute_type(input.scalar_type());
-  Tensor gates = input_and_hidden_matmul(input, w_ih, hx, w_hh);  // (B, 4H), contiguous
   const Tensor bi = bias_or_zeros(b_ih, 4 * H, input), bh = bias_or_zeros(b_hh, 4 * H, input);
-  const Tensor c_prev = cx.to(ct).contiguous();
+  const Tensor c_prev = to_compute(cx);
+  if (input.scalar_type() == at::kFloat && B <= kSmallBatch && H % 16 == 0) {
+    const Tensor xc = input.contiguous(), hc = hx.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
+    thread_local std::vector<float> scratch;
+    Tensor gates;
+    float* g = nullptr;
+    if (keep_gates) {
+      gates = at::empty({B, 4 * H}, input.options());
+      g = gates.data_ptr<float>();
+    } else {
+      scratch.resize(B * 4 * H);
+      g = scratch.data();
+    }
+    // (at::detail::empty_cpu: the allocation without a dispatched call, a tenth of a microsecond each)
+    Tensor cy = at::detail::empty_cpu({B, H}, at::kFloat), hy = at::detail::empty_cpu({B, H}, at::kFloat);
+    small_batch_lstm_step(xc.data_ptr<float>(), input.size(1), hc.data_ptr<float>(), c_prev.data_ptr<float>(),
+                          wi.data_ptr<float>(), wh.data_ptr<float>(), bi.data_ptr<float>(), bh.data_ptr<float>(), B,
+                          H, g, hy.data_ptr<float>(), cy.data_ptr<float>());
+    return {hy, cy, gates};
+  }
+  Tensor gates = input_and_hidden_matmul(input, w_ih, hx, w_hh);  // (B, 4H), contiguous
   Tensor cy = at::empty({B, H}, gates.options());
   Tensor hy = at::empty({B, H}, gates.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
@@ -217,8 +279,39 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& input, const Tens
       }
     });
   });
-  return {hy.to(input.scalar_type()), cy.to(input.scalar_type()), gates};
+  return {as_type(hy, input.scalar_type()), as_type(cy, input.scalar_type()), gates};
 }
+
+int64_t check_lstm_cell(const char* op, const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+                        const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  const int64_t H = check_cell_weights(op, input, w_ih, w_hh, 4, "(4 * hidden_size, input_size)",
+                                       "(4 * hidden_size, hidden_size)");
+  const int64_t B = input.size(0);
+  check_arg(op, "hx", hx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_arg(op, "cx", cx, {B, H}, "(batch, hidden_size)", "input", input);
+  check_biases(op, b_ih, b_hh, 4 * H, "(4 * hidden_size)", input);
+  return H;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                                 const Tensor& w_ih, const Tensor& w_hh,
+                                                 const std::optional<Tensor>& b_ih,
+                                                 const std::optional<Tensor>& b_hh) {
+  const int64_t H = check_lstm_cell("seqkernels::lstm_cell_fwd", input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return lstm_cell_compute(input, hx, cx, w_ih, w_hh, b_ih, b_hh, H, /*keep_gates=*/true);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> lstm_cell_step(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                          const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                          const std::optional<Tensor>& b_hh) {
+  const int64_t H = check_lstm_cell("seqkernels::lstm_cell_step", input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  auto [hy, cy, gates] = lstm_cell_compute(input, hx, cx, w_ih, w_hh, b_ih, b_hh, H, /*keep_gates=*/false);
+  return {hy, cy};
+}
+
+namespace {
 
 // Returns grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias (the same for b_ih and b_hh).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
@@ -274,6 +367,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
 // ---------------------------------------------------------------------------------------------------------------
 // RNN cell: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act = tanh or relu
 
+}  // namespace
+
 Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                     const std::string& nonlinearity) {
@@ -306,8 +401,10 @@ Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, c
       }
     });
   });
-  return pre.to(input.scalar_type());
+  return as_type(pre, input.scalar_type());
 }
+
+namespace {
 
 // Returns grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias (the same for b_ih and b_hh).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_bwd(const Tensor& grad_hy, const Tensor& input,

@@ -194,6 +194,17 @@ def _cell_inputs(name: str, input: Tensor, states):
     return input, states, is_batched
 
 
+def _cell_params(module) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """weight_ih, weight_hh, bias_ih, bias_hh (None without bias), read from the module's parameter dict where they
+    live there: nn.Module's attribute lookup costs about half a microsecond per name, which shows in step loops.
+    Parametrized weights (torch.nn.utils.parametrize) are properties instead, read as attributes."""
+    params = module._parameters
+    try:
+        return params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+    except KeyError:
+        return module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh
+
+
 class LSTMCell(_FromTorch, torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` running seqkernels' fused cell kernel."""
 
@@ -202,10 +213,12 @@ class LSTMCell(_FromTorch, torch.nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if type(hx) is tuple and isinstance(input, Tensor) and input.dim() == 2:  # the step-loop case, kept lean
+            params = self._parameters
             try:
-                return lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-            except (ValueError, TypeError):
-                pass  # bad input: the full path below reports it in torch's words
+                return lstm_cell(input, hx, params["weight_ih"], params["weight_hh"], params["bias_ih"],
+                                 params["bias_hh"])
+            except (KeyError, ValueError, TypeError):
+                pass  # parametrized weights (no dict entry) or bad input: the full path below handles both
 
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError("LSTMCell: expected hx to be a tuple (h_0, c_0) of two tensors")
@@ -213,7 +226,7 @@ class LSTMCell(_FromTorch, torch.nn.LSTMCell):
         if states is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros)
-        h, c = lstm_cell(input, tuple(states), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        h, c = lstm_cell(input, tuple(states), *_cell_params(self))
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -228,7 +241,7 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if isinstance(hx, Tensor) and isinstance(input, Tensor) and input.dim() == 2:  # the step-loop case, kept lean
             try:
-                return rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
+                return rnn_cell(input, hx, *_cell_params(self), self.nonlinearity)
             except (ValueError, TypeError):
                 pass  # bad input: the full path below reports it in torch's words
 
@@ -238,5 +251,5 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
             if states is not None
             else torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         )
-        h = rnn_cell(input, h0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.nonlinearity)
+        h = rnn_cell(input, h0, *_cell_params(self), self.nonlinearity)
         return h if is_batched else h.squeeze(0)

@@ -96,3 +96,17 @@ _ext.on_load(_register_fakes)
 # The ops themselves (argument order as declared in csrc/registration.cpp), bound once the extension has loaded.
 bind_ops(globals(), ("lstm_cell_fwd", "lstm_cell_bwd", "rnn_cell_fwd", "rnn_cell_bwd",
                      "lstm_seq_fwd", "lstm_seq_bwd", "rnn_seq_fwd", "rnn_seq_bwd"))
+
+
+def _bind_steps() -> None:
+    """The direct bindings of the inference cell step (csrc/python.cpp): ``lstm_cell_step(input, hx, cx, w_ih,
+    w_hh, b_ih, b_hh) -> (hy, cy)`` and ``rnn_cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity) -> hy``,
+    the kernels of lstm_cell_fwd and rnn_cell_fwd without the dispatcher's per-call cost. They record no autograd
+    graph: only for calls where none is needed."""
+    from ... import _C
+
+    globals()["lstm_cell_step"] = _C.lstm_cell_step
+    globals()["rnn_cell_step"] = _C.rnn_cell_step
+
+
+_ext.on_load(_bind_steps)

@@ -21,18 +21,23 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_compiling = torch.compiler.is_compiling  # torch.compile traces the dispatched ops, not the direct step bindings
+_cpu_ready: Optional[bool] = None  # backends.backend_status("cpu")[0], fixed for the process once asked
+_CPU_DTYPES = frozenset(cpp.DTYPES)
+
+
 def _plain_cpu_call(input) -> bool:
     """A call the cpu backend takes whatever its other arguments (checked by the C++ op itself): CPU tensors of a
-    supported dtype, no forced backend. Cell steps run in Python loops, so these skip the per-call selection."""
-    return (
-        not backends._forced
-        and backends._env_backend is None
-        and isinstance(input, Tensor)
-        and input.is_cpu
-        and input.dtype in cpp.DTYPES
-        and input.layout == torch.strided
-        and backends.backend_status("cpu")[0]
-    )
+    supported dtype, no forced backend. Cell steps run in Python loops, so these skip the per-call selection
+    (each test here is a few tens of nanoseconds; a step at batch 1 takes a few microseconds)."""
+    global _cpu_ready
+    if backends._forced or backends._env_backend is not None or not isinstance(input, Tensor):
+        return False
+    if not (input.is_cpu and input.dtype in _CPU_DTYPES and input.layout == torch.strided):
+        return False
+    if _cpu_ready is None:
+        _cpu_ready = backends.backend_status("cpu")[0]
+    return _cpu_ready
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -281,7 +286,9 @@ def lstm_cell(
     h, c = hx
     if _plain_cpu_call(input):
         try:
-            return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
+            if (torch.is_grad_enabled() and _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)) or _compiling():
+                return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
+            return cpu.lstm_cell_step(input, h, c, w_ih, w_hh, b_ih, b_hh)  # the no-grad step, called directly
         except (RuntimeError, TypeError):
             # The C++ op rejected an argument: report it as every backend does, naming the argument.
             check_cell_args("lstm_cell", input, (("hx[0]", h), ("hx[1]", c)), w_ih, w_hh, b_ih, b_hh, gates=4)
@@ -308,7 +315,9 @@ def rnn_cell(
         raise ValueError(f"rnn_cell: expected nonlinearity 'tanh' or 'relu', got {nonlinearity!r}")
     if _plain_cpu_call(input):
         try:
-            return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+            if (torch.is_grad_enabled() and _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)) or _compiling():
+                return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+            return cpu.rnn_cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)  # the no-grad step
         except (RuntimeError, TypeError):
             check_cell_args("rnn_cell", input, (("hx", hx),), w_ih, w_hh, b_ih, b_hh, gates=1)
             raise
