@@ -58,7 +58,9 @@ inline const T* a_at(const T* A, int64_t lda, int64_t m, int64_t k) {
 }
 
 // C[MR x NR vectors] (+)= A[MR x K] @ B[K x NR vectors]; adds to C when `accumulate` (K panels after the first).
-template <typename T, int MR, int NR, bool TA = false>
+// With PF > 0, the B row PF rows ahead is prefetched into L1 (prefetches never fault, so running past B's end is
+// harmless): a GEMV streams B from L2 once per call, and waiting on demand misses cost a sixth of its time.
+template <typename T, int MR, int NR, bool TA = false, int PF = 0>
 inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb,
                          T* __restrict__ C, int64_t ldc, int64_t K, bool accumulate) {
   using V = typename Vec<T>::type;
@@ -71,6 +73,10 @@ inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restri
 #pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = V{};
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (PF > 0) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) __builtin_prefetch(B + (k + PF) * ldb + n * L);
+    }
     V b[NR];
 #pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) b[n] = *reinterpret_cast<const V*>(B + k * ldb + n * L);
@@ -90,12 +96,12 @@ inline void micro_kernel(const T* __restrict__ A, int64_t lda, const T* __restri
     }
 }
 
-template <typename T, int NR, bool TA>
+template <typename T, int NR, bool TA, int PF = 0>
 inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                            int64_t K, bool acc) {
   switch (rows) {
-    case 1: micro_kernel<T, 1, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
-    case 2: micro_kernel<T, 2, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 1: micro_kernel<T, 1, NR, TA, PF>(A, lda, B, ldb, C, ldc, K, acc); break;
+    case 2: micro_kernel<T, 2, NR, TA, PF>(A, lda, B, ldb, C, ldc, K, acc); break;
     case 3: micro_kernel<T, 3, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
     case 4: micro_kernel<T, 4, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
     case 5: micro_kernel<T, 5, NR, TA>(A, lda, B, ldb, C, ldc, K, acc); break;
@@ -106,17 +112,17 @@ inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, in
 }
 
 // Columns [n0, n0 + NR vectors) of one K panel, all row blocks (of MR rows, then the remainder).
-template <typename T, int NR, bool TA, int MR = kRowBlock>
+template <typename T, int NR, bool TA, int MR = kRowBlock, int PF = 0>
 inline void column_block(int64_t M, int64_t n0, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                          int64_t ldc, bool acc) {
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR)
-    micro_kernel<T, MR, NR, TA>(a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
-  rows_remainder<T, NR, TA>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+    micro_kernel<T, MR, NR, TA, PF>(a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+  rows_remainder<T, NR, TA, PF>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
 }
 
 // One K panel over all of C: column blocks of NR vectors, then narrower ones at the right edge.
-template <typename T, int NR, bool TA>
+template <typename T, int NR, bool TA, int PF = 0>
 inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                   int64_t ldc, bool acc) {
   constexpr int64_t L = lanes<T>();
@@ -124,19 +130,19 @@ inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, con
   // Full blocks, but not when exactly 4 vectors are left (a head dim of 64 floats with AVX-512): those take one
   // block of 6 rows x 4 vectors, as many accumulators as 8 x 3, where 3 + 1 or 2 + 2 would be narrower.
   for (; n0 + NR * L <= Nc && !(NR == 3 && Nc - n0 == 4 * L); n0 += NR * L)
-    column_block<T, NR, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+    column_block<T, NR, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
   if (NR == 3 && Nc - n0 == 4 * L) {
-    column_block<T, 4, TA, 6>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+    column_block<T, 4, TA, 6, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
     n0 += 4 * L;
   }
-  for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
-  for (; n0 < Nc; n0 += L) column_block<T, 1, TA>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 < Nc; n0 += L) column_block<T, 1, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
 }
 
 // C[M x Nc] (+)= A[M x K] @ B[K x Nc] (adds to C when `accumulate`); Nc % lanes<T>() == 0; C rows must hold
 // Nc elements. With TA, A is given transposed: a (K x M) matrix with row stride lda (C = A^T B, with no copy of
 // A; the sums run in the same order). With one or two rows (a latency-bound GEMV) the column blocks are four
-// times wider, so enough independent multiply-add chains are in flight.
+// times wider, so enough independent multiply-add chains are in flight, and B is prefetched 4 rows ahead.
 template <typename T, bool TA = false>
 void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
             int64_t ldc, bool accumulate = false) {
@@ -144,7 +150,7 @@ void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* 
     const int64_t kn = std::min(kPanel, K - k0);
     const T* Ak = a_at<TA>(A, lda, 0, k0);
     if (M <= 2)
-      panel<T, 8, TA>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
+      panel<T, 8, TA, 4>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
     else
       panel<T, kColBlock, TA>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
   }

@@ -11,14 +11,17 @@
 // OpenMP team for the whole sequence: each thread owns a slice of the hidden units, packs the matching rows of
 // W_hh once (so they stay in its cache for every step), and per step computes its slice of h_{t-1} @ W_hh^T
 // with a register-blocked micro-kernel followed by the fused gate activations and state update of its own
-// units. One barrier per step publishes h_t (two with a projection, which is split by output columns).
+// units. Without a projection each thread publishes its part of h_t through a step counter and starts the next
+// step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags); with
+// one (split by output columns) two barriers per step publish h~_t and h_t.
 //
 // Backward: per step (in reverse processing order) the gate gradients of each thread's units, a barrier, then
 // dh_{t-1} = dG_t @ W_hh split by columns, a barrier. The input and weight gradients are GEMMs over all steps
 // at once afterwards.
 //
-// Every multiply-add chain has a fixed order, independent of how the work is split between threads: results
-// do not depend on the thread count (beyond the BLAS GEMMs) and are bitwise reproducible.
+// Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
+// depend on the thread count by rounding only (the BLAS GEMMs, and the forward without a projection, whose
+// threads sum the recurrent matmul's k-ranges starting with their own).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -92,11 +95,25 @@ Schedule make_schedule(const char* op, const Tensor& batch_sizes, int64_t N, int
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Step barrier
+// Step synchronization
 
-// A sense-reversing barrier for one OpenMP team: a step lasts a few microseconds, so waiting threads spin (with a
-// pause) rather than sleep as OpenMP's barrier may; after a long wait they yield the core. Release/acquire on the
-// sense publishes every write made before the barrier.
+// Waits until done() holds: a step lasts a few microseconds, so the thread spins (with a pause) rather than sleep
+// as OpenMP's barrier may; after a long wait it yields the core.
+template <typename Done>
+void spin_until(Done done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// A sense-reversing barrier for one OpenMP team, waited on with spin_until. Release/acquire on the sense
+// publishes every write made before the barrier.
 class StepBarrier {
  public:
   // One thread's handle on the barrier, holding that thread's sense.
@@ -125,15 +142,7 @@ class StepBarrier {
       sense_.store(sense, std::memory_order_release);
       return;
     }
-    for (int spins = 0; sense_.load(std::memory_order_acquire) != sense; ++spins) {
-      if (spins < 20000) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    spin_until([&] { return sense_.load(std::memory_order_acquire) == sense; });
   }
 
   int size_ = 1;
@@ -174,6 +183,44 @@ int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
   const int64_t step_madds = B * gates * H * P;
   if (step_madds < 16384 || at::in_parallel_region()) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (H + 15) / 16)));
+}
+
+// Per-thread step counters for the recurrences without a projection, where thread u computes (and publishes)
+// the columns J_u of h. At step s a thread first multiplies the part of h_{t-1} it wrote itself, then, for each
+// other thread u, waits until u has published step s - 1 and multiplies u's part: the wait overlaps with the
+// thread's own share of the matmul instead of a barrier stalling every step. A thread writes h_t only after it
+// has seen every other thread publish step s - 1, so nobody still reads the buffer half it overwrites.
+class StepFlags {
+ public:
+  explicit StepFlags(int team) : flags_(team) {}
+  // Blocks until thread u has published `steps` steps.
+  void wait(int u, int64_t steps) const {
+    spin_until([&] { return flags_[u].steps.load(std::memory_order_acquire) >= steps; });
+  }
+  // Publishes thread u's writes of its first `steps` steps.
+  void publish(int u, int64_t steps) { flags_[u].steps.store(steps, std::memory_order_release); }
+
+ private:
+  struct alignas(64) Flag {  // one cache line each: a thread's stores do not disturb the others' loads
+    std::atomic<int64_t> steps{0};
+  };
+  std::vector<Flag> flags_;
+};
+
+// C[:, :] = A[:, k-range of every thread] @ Bp[matching rows], the calling thread's own range first, the others
+// in thread order, each waited for through `flags` (see StepFlags). `ranges[u]` is thread u's k-range.
+template <typename T>
+void matmul_own_first(int64_t M, int64_t Nc, const T* A, int64_t lda, const T* Bp, int64_t ldb, T* C, int64_t ldc,
+                      const std::vector<Range>& ranges, int tid, const StepFlags& flags, int64_t s) {
+  const Range& own = ranges[tid];
+  gemm::matmul<T>(M, Nc, own.size(), A + own.begin, lda, Bp + own.begin * ldb, ldb, C, ldc);
+  for (int u = 0; u < static_cast<int>(ranges.size()); ++u) {
+    if (u == tid) continue;
+    flags.wait(u, s);
+    if (ranges[u].size() > 0)
+      gemm::matmul<T>(M, Nc, ranges[u].size(), A + ranges[u].begin, lda, Bp + ranges[u].begin * ldb, ldb, C, ldc,
+                      /*accumulate=*/true);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -279,11 +326,14 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   std::vector<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
   const int team = team_size(4, H, P, B);
   StepBarrier barrier;
+  StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     StepBarrier::Member step = barrier.join(nt);
-    const Range J = split(H, nt, tid, L);
+    std::vector<Range> units(nt);  // every thread's hidden units: without a projection, its columns of h
+    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
     std::vector<T> Wp(P * ldg), G(B * ldg), tmp(Jn);
     pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; }, 0, P,
@@ -299,7 +349,10 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       const T* h_cur = hbuf.data() + (s & 1) * B * P;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
       if (Jn > 0 && bs > 0) {
-        gemm::matmul<T>(bs, ldg, P, h_cur, P, Wp.data(), ldg, G.data(), ldg);
+        if (proj)
+          gemm::matmul<T>(bs, ldg, P, h_cur, P, Wp.data(), ldg, G.data(), ldg);
+        else
+          matmul_own_first(bs, ldg, h_cur, P, Wp.data(), ldg, G.data(), ldg, units, tid, flags, s);
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
@@ -328,7 +381,10 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         std::copy(h_nxt + b * P + own.begin, h_nxt + b * P + own.end, a.h_n + b * P + own.begin);
         std::copy(cbuf.data() + b * H + J.begin, cbuf.data() + b * H + J.end, a.c_n + b * H + J.begin);
       }
-      step.wait();
+      if (proj)
+        step.wait();
+      else
+        flags.publish(tid, s + 1);
     }
   }
 }
@@ -442,12 +498,13 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
   const int64_t B = S.B;
   std::vector<T> hbuf = double_buffer(h0, B * H);
   const int team = team_size(1, H, H, B);
-  StepBarrier barrier;
+  StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    StepBarrier::Member step = barrier.join(nt);
-    const Range J = split(H, nt, tid, L);
+    std::vector<Range> units(nt);
+    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     std::vector<T> Wp(H * ldg), G(B * ldg);
     pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, 0, H, Wp.data(), ldg);
@@ -456,7 +513,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
       const T* h_cur = hbuf.data() + (s & 1) * B * H;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
-        gemm::matmul<T>(bs, ldg, H, h_cur, H, Wp.data(), ldg, G.data(), ldg);
+        matmul_own_first(bs, ldg, h_cur, H, Wp.data(), ldg, G.data(), ldg, units, tid, flags, s);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
           rnn_units_fwd(xg + (off + b) * H + J.begin, bias + J.begin, G.data() + b * ldg, Jn, relu, h);
@@ -465,7 +522,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
       }
       for (int64_t b = done; b < bs; ++b)
         std::copy(h_nxt + b * H + J.begin, h_nxt + b * H + J.end, h_n + b * H + J.begin);
-      step.wait();
+      flags.publish(tid, s + 1);
     }
   }
 }
