@@ -1,9 +1,11 @@
-// A small register-blocked GEMM for the recurrent matmuls: C[M x Nc] = A[M x K] @ Bp[K x Nc], where Bp is a
-// thread's slice of a weight matrix packed once per sequence (row stride ldb, Nc a multiple of the vector
-// width). Each output element is summed in a fixed order - panels of kPanel products accumulated in registers,
-// the panels added in turn - so results do not depend on how columns are split between threads, and the longest
-// rounding chain is kPanel + K / kPanel additions rather than K (a plain k-loop was measurably less accurate
-// than the BLAS on long recurrences). A panel's slice of B also stays in L1 while every row block uses it.
+// A small register-blocked GEMM: C[M x Nc] = A[M x K] @ B[K x Nc], Nc a multiple of the vector width. matmul
+// reads B as a row-major matrix (the attention tiles); PackedB holds a weight matrix packed once per sequence
+// for the recurrent matmuls. Each output element is summed in a fixed order - panels of products accumulated in
+// registers, the panels added in turn - so results do not depend on how columns are split between threads, and
+// the longest rounding chain is a panel plus K / panel additions rather than K. Panels are kPanel = 64 long for
+// matmul (a panel's slice of B stays in L1 while every row block uses it) and kPackedPanel = 256 for PackedB,
+// as long as a BLAS's K block: each panel reloads and stores the C tile, which at 64 cost 15% of the recurrent
+// matmul at hidden size 512 (the float32 error of a 256-step LSTM against float64 stays at torch's).
 //
 // Vectors are GCC/Clang vector extensions sized to the widest registers the build targets. Register tiles:
 // AVX-512, 8 rows x 3 vectors (24 accumulators of 32 registers; measured 150-165 GFLOP/s per core here, against
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace seqkernels {
 namespace gemm {
@@ -27,6 +30,7 @@ constexpr int kRowBlock = 6;
 constexpr int kColBlock = 2;
 #endif
 constexpr int64_t kPanel = 64;
+constexpr int64_t kPackedPanel = 256;  // see the top of the file
 
 typedef float vfloat __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(4)));
 typedef double vdouble __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(8)));
@@ -111,32 +115,63 @@ inline void rows_remainder(int64_t rows, const T* A, int64_t lda, const T* B, in
   }
 }
 
-// Columns [n0, n0 + NR vectors) of one K panel, all row blocks (of MR rows, then the remainder).
+// One column block of one K panel, all row blocks (of MR rows, then the remainder). B and C point at the
+// block's first column.
 template <typename T, int NR, bool TA, int MR = kRowBlock, int PF = 0>
-inline void column_block(int64_t M, int64_t n0, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                         int64_t ldc, bool acc) {
+inline void column_block(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+                         bool acc) {
   int64_t m0 = 0;
   for (; m0 + MR <= M; m0 += MR)
-    micro_kernel<T, MR, NR, TA, PF>(a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
-  rows_remainder<T, NR, TA, PF>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B + n0, ldb, C + m0 * ldc + n0, ldc, K, acc);
+    micro_kernel<T, MR, NR, TA, PF>(a_at<TA>(A, lda, m0, 0), lda, B, ldb, C + m0 * ldc, ldc, K, acc);
+  rows_remainder<T, NR, TA, PF>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B, ldb, C + m0 * ldc, ldc, K, acc);
 }
 
-// One K panel over all of C: column blocks of NR vectors, then narrower ones at the right edge.
-template <typename T, int NR, bool TA, int PF = 0>
-inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                  int64_t ldc, bool acc) {
+// column_block for a block width `nr` (vectors) chosen at run time by for_each_column_block.
+template <typename T, bool TA, int PF>
+inline void column_block_n(int nr, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                           int64_t ldc, bool acc) {
+  switch (nr) {
+    case 8: column_block<T, 8, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
+    case 4: column_block<T, 4, TA, 6, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
+    case 3: column_block<T, 3, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
+    case 2: column_block<T, 2, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
+    default: column_block<T, 1, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
+  }
+}
+
+// The column blocks of a C row of Nc elements (a multiple of the vector width): f(n0, nr) for each, nr vectors
+// wide from column n0. Blocks of `widest` vectors (8 for a GEMV, else kColBlock), then narrower ones at the right
+// edge; but when exactly 4 vectors are left after blocks of 3 (a head dim of 64 floats with AVX-512), one block of
+// 4 (taken with 6 rows: as many accumulators as 8 x 3, where 3 + 1 or 2 + 2 would be narrower).
+template <typename T, typename F>
+inline void for_each_column_block(int64_t Nc, int widest, F f) {
   constexpr int64_t L = lanes<T>();
   int64_t n0 = 0;
-  // Full blocks, but not when exactly 4 vectors are left (a head dim of 64 floats with AVX-512): those take one
-  // block of 6 rows x 4 vectors, as many accumulators as 8 x 3, where 3 + 1 or 2 + 2 would be narrower.
-  for (; n0 + NR * L <= Nc && !(NR == 3 && Nc - n0 == 4 * L); n0 += NR * L)
-    column_block<T, NR, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
-  if (NR == 3 && Nc - n0 == 4 * L) {
-    column_block<T, 4, TA, 6, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 + widest * L <= Nc && !(widest == 3 && Nc - n0 == 4 * L); n0 += widest * L) f(n0, widest);
+  if (widest == 3 && Nc - n0 == 4 * L) {
+    f(n0, 4);
     n0 += 4 * L;
   }
-  for (; n0 + 2 * L <= Nc; n0 += 2 * L) column_block<T, 2, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
-  for (; n0 < Nc; n0 += L) column_block<T, 1, TA, kRowBlock, PF>(M, n0, K, A, lda, B, ldb, C, ldc, acc);
+  for (; n0 + 2 * L <= Nc; n0 += 2 * L) f(n0, 2);
+  for (; n0 < Nc; n0 += L) f(n0, 1);
+}
+
+// Blocks 8 vectors wide for one or two rows (a latency-bound GEMV: enough independent multiply-add chains in
+// flight), with B prefetched 4 rows ahead; kColBlock vectors otherwise.
+inline int widest_block(int64_t M) {
+  return M <= 2 ? 8 : kColBlock;
+}
+
+// One K panel over all of C.
+template <typename T, bool TA>
+inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                  int64_t ldc, bool acc) {
+  for_each_column_block<T>(Nc, widest_block(M), [&](int64_t n0, int nr) {
+    if (M <= 2)
+      column_block_n<T, TA, 4>(nr, M, K, A, lda, B + n0, ldb, C + n0, ldc, acc);
+    else
+      column_block_n<T, TA, 0>(nr, M, K, A, lda, B + n0, ldb, C + n0, ldc, acc);
+  });
 }
 
 // C[M x Nc] (+)= A[M x K] @ B[K x Nc] (adds to C when `accumulate`); Nc % lanes<T>() == 0; C rows must hold
@@ -148,13 +183,56 @@ void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* 
             int64_t ldc, bool accumulate = false) {
   for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kPanel) {
     const int64_t kn = std::min(kPanel, K - k0);
-    const T* Ak = a_at<TA>(A, lda, 0, k0);
-    if (M <= 2)
-      panel<T, 8, TA, 4>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
-    else
-      panel<T, kColBlock, TA>(M, Nc, kn, Ak, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
+    panel<T, TA>(M, Nc, kn, a_at<TA>(A, lda, 0, k0), lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0);
   }
 }
+
+// A weight matrix B (K x Nc, Nc a multiple of the vector width) packed once for many matmul_packed calls: each
+// column block (in for_each_column_block's widths) holds its K rows contiguously, so the panel a micro-kernel
+// reads is one sequential stream rather than K rows ldb apart (which the hardware prefetchers follow poorly
+// once B outgrows L2: 20-30% of the recurrent matmul's time at hidden size 512).
+template <typename T>
+class PackedB {
+ public:
+  // b(k, n) gives B's element; `max_rows` is the most rows (M) any call will have, which picks the block widths.
+  template <typename Elem>
+  void pack(int64_t K, int64_t Nc, int64_t max_rows, Elem b) {
+    K_ = K;
+    Nc_ = Nc;
+    widest_ = widest_block(max_rows);
+    data_.assign(K * Nc, T(0));
+    for_each_column_block<T>(Nc, widest_, [&](int64_t n0, int nr) {
+      const int64_t w = nr * lanes<T>();
+      T* dst = data_.data() + K * n0;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < w; ++c) dst[k * w + c] = b(k, n0 + c);
+    });
+  }
+
+  // C[M x Nc] (+)= A[M x (k1 - k0)] @ B[k0:k1, :]: A points at the column holding k = k0. Panels of
+  // kPackedPanel from k0 (so a product over one k-range does not depend on the others).
+  void matmul(int64_t M, int64_t k0, int64_t k1, const T* A, int64_t lda, T* C, int64_t ldc,
+              bool accumulate = false) const {
+    const int64_t K = k1 - k0;
+    for (int64_t p0 = 0; p0 < K || p0 == 0; p0 += kPackedPanel) {
+      const int64_t kn = std::min(kPackedPanel, K - p0);
+      const bool acc = accumulate || p0 > 0;
+      for_each_column_block<T>(Nc_, widest_, [&](int64_t n0, int nr) {
+        const int64_t w = nr * lanes<T>();
+        const T* Bb = data_.data() + K_ * n0 + (k0 + p0) * w;
+        if (M <= 2)
+          column_block_n<T, false, 4>(nr, M, kn, A + p0, lda, Bb, w, C + n0, ldc, acc);
+        else
+          column_block_n<T, false, 0>(nr, M, kn, A + p0, lda, Bb, w, C + n0, ldc, acc);
+      });
+    }
+  }
+
+ private:
+  int64_t K_ = 0, Nc_ = 0;
+  int widest_ = kColBlock;
+  std::vector<T> data_;
+};
 
 // sum(a[k] * b[k]) in exactly the order matmul sums one output element (multiply-add chains over panels of
 // kPanel, panels added in turn), so a value computed both ways is bitwise equal: the attention backward relies

@@ -207,19 +207,18 @@ class StepFlags {
   std::vector<Flag> flags_;
 };
 
-// C[:, :] = A[:, k-range of every thread] @ Bp[matching rows], the calling thread's own range first, the others
-// in thread order, each waited for through `flags` (see StepFlags). `ranges[u]` is thread u's k-range.
+// C = A[:, k-range of every thread] @ Bp[matching rows], the calling thread's own range first, the others in
+// thread order, each waited for through `flags` (see StepFlags). `ranges[u]` is thread u's k-range.
 template <typename T>
-void matmul_own_first(int64_t M, int64_t Nc, const T* A, int64_t lda, const T* Bp, int64_t ldb, T* C, int64_t ldc,
+void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>& Bp, T* C, int64_t ldc,
                       const std::vector<Range>& ranges, int tid, const StepFlags& flags, int64_t s) {
   const Range& own = ranges[tid];
-  gemm::matmul<T>(M, Nc, own.size(), A + own.begin, lda, Bp + own.begin * ldb, ldb, C, ldc);
+  Bp.matmul(M, own.begin, own.end, A + own.begin, lda, C, ldc);
   for (int u = 0; u < static_cast<int>(ranges.size()); ++u) {
     if (u == tid) continue;
     flags.wait(u, s);
     if (ranges[u].size() > 0)
-      gemm::matmul<T>(M, Nc, ranges[u].size(), A + ranges[u].begin, lda, Bp + ranges[u].begin * ldb, ldb, C, ldc,
-                      /*accumulate=*/true);
+      Bp.matmul(M, ranges[u].begin, ranges[u].end, A + ranges[u].begin, lda, C, ldc, /*accumulate=*/true);
   }
 }
 
@@ -270,33 +269,34 @@ inline void rnn_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, T
   }
 }
 
-// Packs rows [r0, r0 + rows) x columns [k0, k0 + K) of a row-major (.., ld) matrix W transposed: out[k][r] =
-// W[r0 + r][k0 + k], rows padded with zeros to `ldo`. `row_of(r)` maps a packed column to W's row.
-// float: 16 x 16 blocks transposed in registers (the element-by-element copy was a tenth of a short call).
+// A thread's slice of W transposed, as the B of its recurrent matmuls: B[k][r] = W[row_of(r)][k] for k < K,
+// r < rows, columns padded with zeros to `ldo`. `max_rows` is the batch size (see gemm::PackedB).
+// float: 16 x 16 blocks transposed in registers first (the element-by-element copy was a tenth of a short call).
 template <typename T, typename RowOf>
-void pack_transposed(const T* W, int64_t ld, int64_t rows, RowOf row_of, int64_t k0, int64_t K, T* out,
-                     int64_t ldo) {
+gemm::PackedB<T> pack_transposed(const T* W, int64_t ld, int64_t rows, RowOf row_of, int64_t K, int64_t ldo,
+                                 int64_t max_rows) {
+  std::vector<T> t(K * ldo, T(0));  // t[k][r]
   int64_t r16 = 0, k16 = 0;
   if constexpr (std::is_same_v<T, float>) {
-    vec_math::transpose_blocks16(rows, K, [&](int64_t r) { return W + row_of(r) * ld + k0; }, 1.0f, out, ldo);
+    vec_math::transpose_blocks16(rows, K, [&](int64_t r) { return W + row_of(r) * ld; }, 1.0f, t.data(), ldo);
     r16 = rows / 16 * 16;
     k16 = K / 16 * 16;
   }
-  for (int64_t k = 0; k < K; ++k) {
-    T* dst = out + k * ldo;
-    for (int64_t r = k < k16 ? r16 : 0; r < rows; ++r) dst[r] = W[row_of(r) * ld + k0 + k];
-    for (int64_t r = rows; r < ldo; ++r) dst[r] = T(0);
-  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = k < k16 ? r16 : 0; r < rows; ++r) t[k * ldo + r] = W[row_of(r) * ld + k];
+  gemm::PackedB<T> packed;
+  packed.pack(K, ldo, max_rows, [&](int64_t k, int64_t r) { return t[k * ldo + r]; });
+  return packed;
 }
 
-// Packs rows [0, R) x columns [c0, c0 + C) of a row-major (R, ld) matrix as is, rows padded to `ldo`.
+// Columns [c0, c0 + C) of a row-major (R, ld) matrix as the B of a thread's matmuls, columns padded with zeros to
+// `ldo`.
 template <typename T>
-void pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int64_t C, T* out, int64_t ldo) {
-  for (int64_t r = 0; r < R; ++r) {
-    T* dst = out + r * ldo;
-    for (int64_t c = 0; c < C; ++c) dst[c] = W[r * ld + c0 + c];
-    for (int64_t c = C; c < ldo; ++c) dst[c] = T(0);
-  }
+gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int64_t C, int64_t ldo,
+                              int64_t max_rows) {
+  gemm::PackedB<T> packed;
+  packed.pack(R, ldo, max_rows, [&](int64_t r, int64_t c) { return c < C ? W[r * ld + c0 + c] : T(0); });
+  return packed;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -335,13 +335,14 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
-    std::vector<T> Wp(P * ldg), G(B * ldg), tmp(Jn);
-    pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; }, 0, P,
-                    Wp.data(), ldg);
+    std::vector<T> G(B * ldg), tmp(Jn);
+    const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; },
+                                    P, ldg, B);
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
     const int64_t ldq = round_up(Q.size(), L);
-    std::vector<T> Rp(proj ? H * ldq : 0), Y(proj ? B * ldq : 0);
-    if (proj) pack_transposed(a.w_hr, H, Q.size(), [&](int64_t r) { return Q.begin + r; }, 0, H, Rp.data(), ldq);
+    std::vector<T> Y(proj ? B * ldq : 0);
+    gemm::PackedB<T> Rp;
+    if (proj) Rp = pack_transposed(a.w_hr, H, Q.size(), [&](int64_t r) { return Q.begin + r; }, H, ldq, B);
     const Range own = proj ? Q : J;  // the columns of h this thread writes
 
     for (int64_t s = 0; s < S.T; ++s) {
@@ -350,9 +351,9 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
       if (Jn > 0 && bs > 0) {
         if (proj)
-          gemm::matmul<T>(bs, ldg, P, h_cur, P, Wp.data(), ldg, G.data(), ldg);
+          Wp.matmul(bs, 0, P, h_cur, P, G.data(), ldg);
         else
-          matmul_own_first(bs, ldg, h_cur, P, Wp.data(), ldg, G.data(), ldg, units, tid, flags, s);
+          matmul_own_first(bs, h_cur, P, Wp, G.data(), ldg, units, tid, flags, s);
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
@@ -370,7 +371,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       if (proj) {
         step.wait();
         if (Q.size() > 0 && bs > 0) {
-          gemm::matmul<T>(bs, ldq, H, htilde.data(), H, Rp.data(), ldq, Y.data(), ldq);
+          Rp.matmul(bs, 0, H, htilde.data(), H, Y.data(), ldq);
           for (int64_t b = 0; b < bs; ++b) {
             std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Q.size(), h_nxt + b * P + Q.begin);
             std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Q.size(), a.out + (off + b) * P + Q.begin);
@@ -434,10 +435,10 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
     StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L), Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
-    std::vector<T> Wp(4 * H * ldq), Y(B * ldq);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
-    pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, Wp.data(), ldq);
-    std::vector<T> Rp(proj ? P * ldj : 0), D(proj ? B * ldj : 0), tc(Jn);  // W_hr[:, J] for dh~ = dh @ W_hr
-    if (proj) pack_columns(a.w_hr, H, P, J.begin, Jn, Rp.data(), ldj);
+    const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
+    std::vector<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
+    gemm::PackedB<T> Rp;  // W_hr[:, J] for dh~ = dh @ W_hr
+    if (proj) Rp = pack_columns(a.w_hr, H, P, J.begin, Jn, ldj, B);
 
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
@@ -449,7 +450,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
         const T* dht = dh_cur + J.begin;
         int64_t ld_dht = P;
         if (proj) {
-          gemm::matmul<T>(bs, ldj, P, dh_cur, P, Rp.data(), ldj, D.data(), ldj);
+          Rp.matmul(bs, 0, P, dh_cur, P, D.data(), ldj);
           dht = D.data();
           ld_dht = ldj;
         }
@@ -469,7 +470,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
       }
       step.wait();
       if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
-        if (bs > 0) gemm::matmul<T>(bs, ldq, 4 * H, a.dG + off * 4 * H, 4 * H, Wp.data(), ldq, Y.data(), ldq);
+        if (bs > 0) Wp.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : a.grad_hn + b * P + Q.begin;  // b >= bs: starts next
@@ -506,14 +507,14 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
     for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
-    std::vector<T> Wp(H * ldg), G(B * ldg);
-    pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, 0, H, Wp.data(), ldg);
+    std::vector<T> G(B * ldg);
+    const auto Wp = pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, H, ldg, B);
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
       const T* h_cur = hbuf.data() + (s & 1) * B * H;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
-        matmul_own_first(bs, ldg, h_cur, H, Wp.data(), ldg, G.data(), ldg, units, tid, flags, s);
+        matmul_own_first(bs, h_cur, H, Wp, G.data(), ldg, units, tid, flags, s);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
           rnn_units_fwd(xg + (off + b) * H + J.begin, bias + J.begin, G.data() + b * ldg, Jn, relu, h);
@@ -546,8 +547,8 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
     StepBarrier::Member step = barrier.join(nt);
     const Range J = split(H, nt, tid, L);
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
-    std::vector<T> Wp(H * ldq), Y(B * ldq);
-    pack_columns(w_hh, H, H, J.begin, Jn, Wp.data(), ldq);
+    const auto Wp = pack_columns(w_hh, H, H, J.begin, Jn, ldq, B);
+    std::vector<T> Y(B * ldq);
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
       const int64_t t2 = s + 1 < T_ ? t_bwd(s + 1) : -1;
@@ -565,7 +566,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
       }
       step.wait();
       if (Jn > 0) {
-        if (bs > 0) gemm::matmul<T>(bs, ldq, H, dG + off * H, H, Wp.data(), ldq, Y.data(), ldq);
+        if (bs > 0) Wp.matmul(bs, 0, H, dG + off * H, H, Y.data(), ldq);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : grad_hn + b * H + J.begin;
