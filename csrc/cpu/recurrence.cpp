@@ -15,12 +15,13 @@
 // step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags); with
 // one (split by output columns) two barriers per step publish h~_t and h_t.
 //
-// Backward: per step (in reverse processing order) the gate gradients of each thread's units, a barrier, then
-// dh_{t-1} = dG_t @ W_hh split by columns, a barrier. The input and weight gradients are GEMMs over all steps
-// at once afterwards.
+// Backward: per step (in reverse processing order) the gate gradients of each thread's units, then
+// dh_{t-1} = dG_t @ W_hh split by columns. Without a projection a thread's columns of dh are its own units, so it
+// only waits for the others' gate gradients, each when it reaches them (StepFlags, as in the forward); with one,
+// two barriers per step. The input and weight gradients are GEMMs over all steps at once afterwards.
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
-// depend on the thread count by rounding only (the BLAS GEMMs, and the forward without a projection, whose
+// depend on the thread count by rounding only (the BLAS GEMMs, and the recurrences without a projection, whose
 // threads sum the recurrent matmul's k-ranges starting with their own).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -207,18 +208,26 @@ class StepFlags {
   std::vector<Flag> flags_;
 };
 
-// C = A[:, k-range of every thread] @ Bp[matching rows], the calling thread's own range first, the others in
-// thread order, each waited for through `flags` (see StepFlags). `ranges[u]` is thread u's k-range.
+// C = A @ Bp over the k-ranges of every thread, the calling thread's own first, then the others' in thread order,
+// each once thread u has published `steps` steps (see StepFlags). Thread u's k-ranges are units[u] offset by
+// g * stride for g < segments: its hidden units in each of the `segments` gate blocks.
 template <typename T>
 void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>& Bp, T* C, int64_t ldc,
-                      const std::vector<Range>& ranges, int tid, const StepFlags& flags, int64_t s) {
-  const Range& own = ranges[tid];
-  Bp.matmul(M, own.begin, own.end, A + own.begin, lda, C, ldc);
-  for (int u = 0; u < static_cast<int>(ranges.size()); ++u) {
+                      const std::vector<Range>& units, int tid, const StepFlags& flags, int64_t steps,
+                      int segments = 1, int64_t stride = 0) {
+  bool first = true;
+  auto multiply = [&](const Range& r) {
+    for (int g = 0; g < segments; ++g) {
+      const int64_t k0 = g * stride + r.begin, k1 = g * stride + r.end;
+      if (first || k1 > k0) Bp.matmul(M, k0, k1, A + k0, lda, C, ldc, /*accumulate=*/!first);
+      first = false;
+    }
+  };
+  multiply(units[tid]);
+  for (int u = 0; u < static_cast<int>(units.size()); ++u) {
     if (u == tid) continue;
-    flags.wait(u, s);
-    if (ranges[u].size() > 0)
-      Bp.matmul(M, ranges[u].begin, ranges[u].end, A + ranges[u].begin, lda, C, ldc, /*accumulate=*/true);
+    flags.wait(u, steps);
+    multiply(units[u]);
   }
 }
 
@@ -353,7 +362,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         if (proj)
           Wp.matmul(bs, 0, P, h_cur, P, G.data(), ldg);
         else
-          matmul_own_first(bs, h_cur, P, Wp, G.data(), ldg, units, tid, flags, s);
+          matmul_own_first(bs, h_cur, P, Wp, G.data(), ldg, units, tid, flags, /*steps=*/s);
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
@@ -429,11 +438,14 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   }
   const int team = team_size(4, H, P, B);
   StepBarrier barrier;
+  StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     StepBarrier::Member step = barrier.join(nt);
-    const Range J = split(H, nt, tid, L), Q = split(P, nt, tid, L);
+    std::vector<Range> units(nt);  // every thread's hidden units (without a projection, also its columns of dh)
+    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const Range J = units[tid], Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
     std::vector<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
@@ -468,9 +480,16 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
                                      nullptr, tc.data(), Jn);
         }
       }
-      step.wait();
+      // The other threads' gate gradients are read below: a barrier with a projection (which also reads the
+      // others' dh columns); without one, each thread's part is waited for when reached (matmul_own_first).
+      if (proj)
+        step.wait();
+      else
+        flags.publish(tid, s + 1);
       if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
-        if (bs > 0) Wp.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, Y.data(), ldq);
+        if (bs > 0 && proj) Wp.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, Y.data(), ldq);
+        if (bs > 0 && !proj)
+          matmul_own_first(bs, a.dG + off * 4 * H, 4 * H, Wp, Y.data(), ldq, units, tid, flags, s + 1, 4, H);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : a.grad_hn + b * P + Q.begin;  // b >= bs: starts next
@@ -483,7 +502,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
           }
         }
       }
-      step.wait();
+      if (proj) step.wait();  // without a projection, a thread's dh columns are its own: no one else reads them
     }
   }
   std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
@@ -514,7 +533,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
       const T* h_cur = hbuf.data() + (s & 1) * B * H;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
-        matmul_own_first(bs, h_cur, H, Wp, G.data(), ldg, units, tid, flags, s);
+        matmul_own_first(bs, h_cur, H, Wp, G.data(), ldg, units, tid, flags, /*steps=*/s);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
           rnn_units_fwd(xg + (off + b) * H + J.begin, bias + J.begin, G.data() + b * ldg, Jn, relu, h);
@@ -540,12 +559,13 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
     for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
   }
   const int team = team_size(1, H, H, B);
-  StepBarrier barrier;
+  StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    StepBarrier::Member step = barrier.join(nt);
-    const Range J = split(H, nt, tid, L);
+    std::vector<Range> units(nt);  // every thread's hidden units: its columns of dG and dh
+    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const Range J = units[tid];
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     const auto Wp = pack_columns(w_hh, H, H, J.begin, Jn, ldq, B);
     std::vector<T> Y(B * ldq);
@@ -564,9 +584,9 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
         else
           for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = dh[jj] * (T(1) - y[jj] * y[jj]);
       }
-      step.wait();
+      flags.publish(tid, s + 1);  // the others read this step's dG columns when they reach them
       if (Jn > 0) {
-        if (bs > 0) Wp.matmul(bs, 0, H, dG + off * H, H, Y.data(), ldq);
+        if (bs > 0) matmul_own_first(bs, dG + off * H, H, Wp, Y.data(), ldq, units, tid, flags, s + 1);
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : grad_hn + b * H + J.begin;
@@ -578,7 +598,6 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
           }
         }
       }
-      step.wait();
     }
   }
 }
