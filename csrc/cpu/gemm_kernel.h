@@ -126,10 +126,9 @@ inline void column_block(int64_t M, int64_t K, const T* A, int64_t lda, const T*
   rows_remainder<T, NR, TA, PF>(M - m0, a_at<TA>(A, lda, m0, 0), lda, B, ldb, C + m0 * ldc, ldc, K, acc);
 }
 
-// column_block for a block width `nr` (vectors) chosen at run time by for_each_column_block.
 template <typename T, bool TA, int PF>
-inline void column_block_n(int nr, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                           int64_t ldc, bool acc) {
+inline void column_block_nr(int nr, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                            int64_t ldc, bool acc) {
   switch (nr) {
     case 8: column_block<T, 8, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
     case 4: column_block<T, 4, TA, 6, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
@@ -137,6 +136,17 @@ inline void column_block_n(int nr, int64_t M, int64_t K, const T* A, int64_t lda
     case 2: column_block<T, 2, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
     default: column_block<T, 1, TA, kRowBlock, PF>(M, K, A, lda, B, ldb, C, ldc, acc); break;
   }
+}
+
+// column_block for a block width `nr` (vectors) chosen at run time by for_each_column_block. With one or two rows
+// (a GEMV, which streams B from L2 once per call) B is prefetched 4 rows ahead.
+template <typename T, bool TA>
+inline void column_block_n(int nr, int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                           int64_t ldc, bool acc) {
+  if (M <= 2)
+    column_block_nr<T, TA, 4>(nr, M, K, A, lda, B, ldb, C, ldc, acc);
+  else
+    column_block_nr<T, TA, 0>(nr, M, K, A, lda, B, ldb, C, ldc, acc);
 }
 
 // The column blocks of a C row of Nc elements (a multiple of the vector width): f(n0, nr) for each, nr vectors
@@ -157,7 +167,7 @@ inline void for_each_column_block(int64_t Nc, int widest, F f) {
 }
 
 // Blocks 8 vectors wide for one or two rows (a latency-bound GEMV: enough independent multiply-add chains in
-// flight), with B prefetched 4 rows ahead; kColBlock vectors otherwise.
+// flight), kColBlock vectors otherwise.
 inline int widest_block(int64_t M) {
   return M <= 2 ? 8 : kColBlock;
 }
@@ -167,10 +177,7 @@ template <typename T, bool TA>
 inline void panel(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                   int64_t ldc, bool acc) {
   for_each_column_block<T>(Nc, widest_block(M), [&](int64_t n0, int nr) {
-    if (M <= 2)
-      column_block_n<T, TA, 4>(nr, M, K, A, lda, B + n0, ldb, C + n0, ldc, acc);
-    else
-      column_block_n<T, TA, 0>(nr, M, K, A, lda, B + n0, ldb, C + n0, ldc, acc);
+    column_block_n<T, TA>(nr, M, K, A, lda, B + n0, ldb, C + n0, ldc, acc);
   });
 }
 
@@ -187,7 +194,7 @@ void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* 
   }
 }
 
-// A weight matrix B (K x Nc, Nc a multiple of the vector width) packed once for many matmul_packed calls: each
+// A weight matrix B (K x Nc, Nc a multiple of the vector width) packed once for many matmul calls: each
 // column block (in for_each_column_block's widths) holds its K rows contiguously, so the panel a micro-kernel
 // reads is one sequential stream rather than K rows ldb apart (which the hardware prefetchers follow poorly
 // once B outgrows L2: 20-30% of the recurrent matmul's time at hidden size 512).
@@ -219,11 +226,7 @@ class PackedB {
       const bool acc = accumulate || p0 > 0;
       for_each_column_block<T>(Nc_, widest_, [&](int64_t n0, int nr) {
         const int64_t w = nr * lanes<T>();
-        const T* Bb = data_.data() + K_ * n0 + (k0 + p0) * w;
-        if (M <= 2)
-          column_block_n<T, false, 4>(nr, M, kn, A + p0, lda, Bb, w, C + n0, ldc, acc);
-        else
-          column_block_n<T, false, 0>(nr, M, kn, A + p0, lda, Bb, w, C + n0, ldc, acc);
+        column_block_n<T, false>(nr, M, kn, A + p0, lda, data_.data() + K_ * n0 + (k0 + p0) * w, w, C + n0, ldc, acc);
       });
     }
   }

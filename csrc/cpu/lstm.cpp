@@ -2,8 +2,10 @@
 //
 // Cell steps: the two matmuls go to the BLAS (at::mm / addmm_, which run at the machine's GEMM rate), and
 // everything else - both biases, the gate activations, the cell and hidden update - is one fused,
-// auto-vectorized pass over the gate matrix, parallel over batch rows. The forward keeps the activated gates so
-// the backward needs no transcendental but one tanh per cell element.
+// auto-vectorized pass over the gate matrix, parallel over batch rows. Batches up to kSmallBatch compute the
+// matmuls as dot products instead; float32 LSTMs among them (hidden size a multiple of 16) do the whole step per
+// block of 16 hidden units in registers. The forward keeps the activated gates so the backward needs no
+// transcendental but one tanh per cell element.
 //
 // bfloat16 arguments are computed in float32 (matmul accumulation, activations and state) and rounded once on
 // output.
@@ -189,10 +191,6 @@ void lstm_pointwise_bwd(const T* __restrict__ gates, const T* __restrict__ c_pre
   }
 }
 
-}  // namespace
-
-namespace {
-
 // float, batch <= kSmallBatch, hidden_size % 16 == 0: the whole step per block of 16 hidden units - the four gate
 // matvecs, biases, activations and state update in registers - parallel over unit blocks, each output element
 // computed the same way whichever thread takes its block. `gates` (B, 4H) receives the activated gates.
@@ -364,10 +362,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bwd(
   return {grad_input, grad_hx, grad_cx.to(dt), grad_w_ih, grad_w_hh, grad_bias};
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------------------------
 // RNN cell: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act = tanh or relu
-
-}  // namespace
 
 Tensor rnn_cell_fwd(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,

@@ -487,9 +487,12 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
       else
         flags.publish(tid, s + 1);
       if (Qn > 0) {  // dh_{t-1}[:, Q] = dG_t @ W_hh[:, Q], plus the output gradient of the next step
-        if (bs > 0 && proj) Wp.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, Y.data(), ldq);
-        if (bs > 0 && !proj)
-          matmul_own_first(bs, a.dG + off * 4 * H, 4 * H, Wp, Y.data(), ldq, units, tid, flags, s + 1, 4, H);
+        if (bs > 0) {
+          if (proj)
+            Wp.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, Y.data(), ldq);
+          else
+            matmul_own_first(bs, a.dG + off * 4 * H, 4 * H, Wp, Y.data(), ldq, units, tid, flags, s + 1, 4, H);
+        }
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : a.grad_hn + b * P + Q.begin;  // b >= bs: starts next

@@ -194,15 +194,19 @@ backends.register("rnn_layer", "reference")(reference.rnn_layer)
 def _lstm_cell_cpu(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     if _needs_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         return LSTMCellFunction.apply(cpu, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    hy, cy, _ = cpu.lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    return hy, cy
+    if _compiling():
+        hy, cy, _ = cpu.lstm_cell_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return hy, cy
+    return cpu.lstm_cell_step(input, hx, cx, w_ih, w_hh, b_ih, b_hh)  # the no-grad step, called directly
 
 
 @backends.register("rnn_cell", "cpu", supports=lambda input, hx, w_ih, w_hh, b_ih, b_hh, nl: cpp.supports(input))
 def _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     if _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
         return RNNCellFunction.apply(cpu, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    return cpu.rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    if _compiling():
+        return cpu.rnn_cell_fwd(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return cpu.rnn_cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)  # the no-grad step, called directly
 
 
 @backends.register("lstm_layer", "cpu", supports=lambda input, *rest: cpp.supports(input))
@@ -286,9 +290,7 @@ def lstm_cell(
     h, c = hx
     if _plain_cpu_call(input):
         try:
-            if (torch.is_grad_enabled() and _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)) or _compiling():
-                return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
-            return cpu.lstm_cell_step(input, h, c, w_ih, w_hh, b_ih, b_hh)  # the no-grad step, called directly
+            return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
         except (RuntimeError, TypeError):
             # The C++ op rejected an argument: report it as every backend does, naming the argument.
             check_cell_args("lstm_cell", input, (("hx[0]", h), ("hx[1]", c)), w_ih, w_hh, b_ih, b_hh, gates=4)
@@ -315,9 +317,7 @@ def rnn_cell(
         raise ValueError(f"rnn_cell: expected nonlinearity 'tanh' or 'relu', got {nonlinearity!r}")
     if _plain_cpu_call(input):
         try:
-            if (torch.is_grad_enabled() and _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)) or _compiling():
-                return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-            return cpu.rnn_cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)  # the no-grad step
+            return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
         except (RuntimeError, TypeError):
             check_cell_args("rnn_cell", input, (("hx", hx),), w_ih, w_hh, b_ih, b_hh, gates=1)
             raise
