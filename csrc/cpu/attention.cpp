@@ -318,7 +318,7 @@ void attention_forward(const Shape& d, const T* q, const T* k, const T* v, const
   if (Evp != d.Ev) Vp_all = pack_heads_rows(v, d.Z * d.Hkv, d.S, d.Ev, Evp, like);  // (heads, S, Evp)
   const T* Vp_base = Evp != d.Ev ? Vp_all.data_ptr<T>() : v;
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qt(d.E * Nq), St(Bc * Nq), O(Nq * Evp), m(Nq), l(Nq), alpha(Nq), Z(Nq);
+    gemm::Buffer<T> Qt(d.E * Nq), St(Bc * Nq), O(Nq * Evp), m(Nq), l(Nq), alpha(Nq), Z(Nq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;
       const int64_t zhk = z * d.Hkv + h / d.group, l0 = qt * Nq, rows = std::min(Nq, d.L - l0);
@@ -470,8 +470,8 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   if (d.Z * d.Hkv >= 2 * at::get_num_threads()) {  // one task per key/value head: no recomputation
     at::parallel_for(0, d.Z * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> Qt(d.E * Nq), dOt(d.Ev * Nq), St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
-      std::vector<T> dK(d.S * Ep), dV(d.S * Evp);
+      gemm::Buffer<T> Qt(d.E * Nq), dOt(d.Ev * Nq), St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
+      gemm::Buffer<T> dK(d.S * Ep), dV(d.S * Evp);
       QueryTile t{Qt.data(), dOt.data(), Nq, {}, {}};
       for (int64_t zhk = begin; zhk < end; ++zhk) {
         const int64_t z = zhk / d.Hkv, hk = zhk % d.Hkv;
@@ -515,7 +515,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 1: dK, dV per (z, key/value head, key tile).
   at::parallel_for(0, d.Z * d.Hkv * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dK(Bc * Ep), dV(Bc * Evp);
+    gemm::Buffer<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dK(Bc * Ep), dV(Bc * Evp);
     QueryTile t{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kt = task % k_tiles, zhk = task / k_tiles, z = zhk / d.Hkv, hk = zhk % d.Hkv;
@@ -538,7 +538,7 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 
   // Pass 2: dQ (and the float mask's gradient) per (z, query head, query tile).
   at::parallel_for(0, d.Z * d.Hq * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
+    gemm::Buffer<T> St(Bc * Nq), dPt(Bc * Nq), Pdt(Bc * Nq), dQ(Nq * Ep);
     QueryTile t{};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % q_tiles, zh = task / q_tiles, z = zh / d.Hq, h = zh % d.Hq;

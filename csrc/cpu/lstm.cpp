@@ -244,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_compute(const Tensor& input, const 
   const Tensor c_prev = to_compute(cx);
   if (input.scalar_type() == at::kFloat && B <= kSmallBatch && H % 16 == 0) {
     const Tensor xc = input.contiguous(), hc = hx.contiguous(), wi = w_ih.contiguous(), wh = w_hh.contiguous();
-    thread_local std::vector<float> scratch;
+    thread_local gemm::Buffer<float> scratch;
     Tensor gates;
     float* g = nullptr;
     if (keep_gates) {

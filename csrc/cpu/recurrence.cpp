@@ -154,8 +154,8 @@ class StepBarrier {
 // A state double buffer (two halves of n values) with both halves starting as `init`: rows a step does not
 // update keep their value whichever half is read next.
 template <typename T>
-std::vector<T> double_buffer(const T* init, int64_t n) {
-  std::vector<T> buf(2 * n);
+gemm::Buffer<T> double_buffer(const T* init, int64_t n) {
+  gemm::Buffer<T> buf(2 * n);
   std::copy(init, init + n, buf.begin());
   std::copy(init, init + n, buf.begin() + n);
   return buf;
@@ -332,7 +332,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t H = a.H, P = a.P, B = S.B;
   const bool proj = a.w_hr != nullptr;
-  std::vector<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
+  gemm::Buffer<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
   const int team = team_size(4, H, P, B);
   StepBarrier barrier;
   StepFlags flags(team);
@@ -344,12 +344,12 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
-    std::vector<T> G(B * ldg), tmp(Jn);
+    gemm::Buffer<T> G(B * ldg), tmp(Jn);
     const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; },
                                     P, ldg, B);
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
     const int64_t ldq = round_up(Q.size(), L);
-    std::vector<T> Y(proj ? B * ldq : 0);
+    gemm::Buffer<T> Y(proj ? B * ldq : 0);
     gemm::PackedB<T> Rp;
     if (proj) Rp = pack_transposed(a.w_hr, H, Q.size(), [&](int64_t r) { return Q.begin + r; }, H, ldq, B);
     const Range own = proj ? Q : J;  // the columns of h this thread writes
@@ -427,7 +427,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   const bool proj = a.w_hr != nullptr;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };  // time index of the s-th backward step
   // dh double buffer: rows not yet reached hold grad_hn; the first step's rows also get their output gradient.
-  std::vector<T> dhbuf = double_buffer(a.grad_hn, B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
+  gemm::Buffer<T> dhbuf = double_buffer(a.grad_hn, B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
   {
     const int64_t t0 = t_bwd(0);
     for (int64_t b = 0; b < S.bs[t0]; ++b)
@@ -448,7 +448,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
     const Range J = units[tid], Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
-    std::vector<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
+    gemm::Buffer<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
     gemm::PackedB<T> Rp;  // W_hr[:, J] for dh~ = dh @ W_hr
     if (proj) Rp = pack_columns(a.w_hr, H, P, J.begin, Jn, ldj, B);
 
@@ -519,7 +519,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
                  T* h_n, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
-  std::vector<T> hbuf = double_buffer(h0, B * H);
+  gemm::Buffer<T> hbuf = double_buffer(h0, B * H);
   const int team = team_size(1, H, H, B);
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
@@ -529,7 +529,7 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
     for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
-    std::vector<T> G(B * ldg);
+    gemm::Buffer<T> G(B * ldg);
     const auto Wp = pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, H, ldg, B);
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
@@ -556,7 +556,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
-  std::vector<T> dhbuf = double_buffer(grad_hn, B * H);
+  gemm::Buffer<T> dhbuf = double_buffer(grad_hn, B * H);
   {
     const int64_t t0 = t_bwd(0);
     for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
@@ -571,7 +571,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     const auto Wp = pack_columns(w_hh, H, H, J.begin, Jn, ldq, B);
-    std::vector<T> Y(B * ldq);
+    gemm::Buffer<T> Y(B * ldq);
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
       const int64_t t2 = s + 1 < T_ ? t_bwd(s + 1) : -1;
