@@ -7,11 +7,12 @@
 // finished sequences simply stop being computed, outputs exist only for real steps, and each sequence's final
 // state is its state at its own length.
 //
-// Forward: the input projection of all steps is one GEMM (at::addmm, the BLAS). The recurrence then runs in one
-// OpenMP team for the whole sequence: each thread owns a slice of the hidden units, packs the matching rows of
-// W_hh once (so they stay in its cache for every step), and per step computes its slice of h_{t-1} @ W_hh^T
-// with a register-blocked micro-kernel followed by the fused gate activations and state update of its own
-// units. Without a projection each thread publishes its part of h_t through a step counter and starts the next
+// Forward: one OpenMP team for the whole sequence. Each thread owns a slice of the hidden units and packs the
+// matching rows of W_ih and W_hh once (so they stay in its cache for every step). It computes the input
+// projection of its gate columns as GEMMs over chunks of steps (128 rows, or one step if larger), each just before
+// the chunk's first step so the result is read back from L2 (InputProjection); and per step its slice of
+// h_{t-1} @ W_hh^T with a register-blocked micro-kernel, followed by the fused gate activations and state update of
+// its own units. Without a projection each thread publishes its part of h_t through a step counter and starts the next
 // step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags); with
 // one (split by output columns) two barriers per step publish h~_t and h_t.
 //
@@ -21,8 +22,8 @@
 // two barriers per step. The input and weight gradients are GEMMs over all steps at once afterwards.
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
-// depend on the thread count by rounding only (the BLAS GEMMs, and the recurrences without a projection, whose
-// threads sum the recurrent matmul's k-ranges starting with their own).
+// depend on the thread count by rounding only (the backward's BLAS GEMMs, and the recurrences without a
+// projection, whose threads sum the recurrent matmul's k-ranges starting with their own).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -34,6 +35,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -60,6 +62,11 @@ struct Schedule {
   // Active rows of the step processed after the s-th (0 after the last). Rows in [bs_after(s), bs[t_of(s)])
   // take their last step at s.
   int64_t bs_after(int64_t s) const { return s + 1 < T ? bs[t_of(s + 1)] : 0; }
+  // Rows [r0, r1) of the processing steps [s0, s1): contiguous, since the steps' time indices are.
+  std::pair<int64_t, int64_t> rows_of_steps(int64_t s0, int64_t s1) const {
+    const int64_t ta = std::min(t_of(s0), t_of(s1 - 1)), tb = std::max(t_of(s0), t_of(s1 - 1));
+    return {off[ta], off[tb] + bs[tb]};
+  }
   // Packed row holding the state that row b of step t starts from, or -1 for the initial state.
   int64_t prev_row(int64_t t, int64_t b) const {
     if (!reverse) return t > 0 ? off[t - 1] + b : -1;
@@ -232,16 +239,16 @@ void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `x` points at unit j0 of the step's row of the
-// input projection (gate k of unit j at x[k * H + j]) and `bias` likewise at unit j0 of b_ih + b_hh; `g` at the
-// thread's recurrent sums, gate-major (gate k of
-// local unit jj at g[k * Jn + jj]), which are turned into activated gates in place. `tmp` holds Jn values.
+// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `g` points at the thread's recurrent sums for
+// the row, gate-major (gate k of local unit jj at g[k * Jn + jj]), which are turned into activated gates in place;
+// `x` at the row's input projection in the same layout; `bias` at unit j0 of b_ih + b_hh (gate k of unit j at
+// bias[k * H + j]). `tmp` holds Jn values.
 
 template <typename T>
 inline void lstm_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, int64_t H, T* __restrict__ g,
                            int64_t Jn, T* __restrict__ c, T* __restrict__ h, T* __restrict__ tmp) {
   for (int k = 0; k < 4; ++k)
-    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * H + jj] + bias[k * H + jj];
+    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * Jn + jj] + bias[k * H + jj];
   vec_math::sigmoid(g, g, 2 * Jn);  // i, f
   vec_math::tanh(g + 2 * Jn, g + 2 * Jn, Jn);
   vec_math::sigmoid(g + 3 * Jn, g + 3 * Jn, Jn);
@@ -308,12 +315,51 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
   return packed;
 }
 
+// The input projection x @ W_ih^T of a thread's gate columns, computed by the thread itself a chunk of steps at a
+// time (each chunk one GEMM of up to kChunkRows rows, a step at least) just before the chunk's first step, into a
+// buffer that stays in the thread's L2: read back by the pointwise pass, the projection of all steps at once
+// (16 MB at batch 32, hidden size 256) came from L3 or memory, a twentieth of the recurrence's time. Row r of the
+// current chunk is at rows(r), its gate columns laid out as the thread's recurrent sums (`ldg` apart).
+template <typename T>
+class InputProjection {
+ public:
+  static constexpr int64_t kChunkRows = 128;
+
+  template <typename RowOf>
+  InputProjection(const Schedule& S, const T* x, const T* w_ih, int64_t I, int64_t cols, RowOf row_of, int64_t ldg)
+      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(std::max(S.B, kChunkRows)) {
+    w_ = pack_transposed(w_ih, I, cols, row_of, I, ldg, cap_);
+    buf_.resize(cap_ * ldg);
+  }
+
+  // Called at every step s (in processing order): computes the next chunk when s starts one.
+  void at_step(int64_t s) {
+    if (s < next_) return;
+    int64_t s1 = s + 1;
+    while (s1 < S_.T && S_.rows_of_steps(s, s1 + 1).second - S_.rows_of_steps(s, s1 + 1).first <= cap_) ++s1;
+    std::tie(r0_, r1_) = S_.rows_of_steps(s, s1);
+    w_.matmul(r1_ - r0_, 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
+    next_ = s1;
+  }
+
+  const T* rows(int64_t r) const { return buf_.data() + (r - r0_) * ldg_; }
+
+ private:
+  const Schedule& S_;
+  const T* x_;
+  int64_t I_, ldg_, cap_;
+  gemm::PackedB<T> w_;
+  gemm::Buffer<T> buf_;
+  int64_t next_ = 0, r0_ = 0, r1_ = 0;
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM forward
 
 template <typename T>
 struct LstmFwd {
-  const T* xg;    // (N, 4H) input projection
+  const T* x;     // (N, I) input
+  const T* w_ih;  // (4H, I)
   const T* bias;  // (4H) b_ih + b_hh (zeros without bias)
   const T* w_hh;  // (4H, P)
   const T* w_hr;  // (P, H) or null
@@ -324,7 +370,7 @@ struct LstmFwd {
   T* c_n;         // (B, H)
   T* gates;       // (N, 4H) activated gates, or null when not training
   T* cells;       // (N, H) cell states, or null when not training
-  int64_t H, P;
+  int64_t I, H, P;
 };
 
 template <typename T>
@@ -345,8 +391,9 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
     gemm::Buffer<T> G(B * ldg), tmp(Jn);
-    const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; },
-                                    P, ldg, B);
+    auto gate_row = [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; };  // local column r: gate r / Jn
+    const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, gate_row, P, ldg, B);
+    InputProjection<T> xproj(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg);
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
     const int64_t ldq = round_up(Q.size(), L);
     gemm::Buffer<T> Y(proj ? B * ldq : 0);
@@ -359,6 +406,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       const T* h_cur = hbuf.data() + (s & 1) * B * P;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
       if (Jn > 0 && bs > 0) {
+        xproj.at_step(s);
         if (proj)
           Wp.matmul(bs, 0, P, h_cur, P, G.data(), ldg);
         else
@@ -366,10 +414,9 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
-          const T* x = a.xg + row * 4 * H + J.begin;
           T* c = cbuf.data() + b * H + J.begin;
           T* g = G.data() + b * ldg;
-          lstm_units_fwd(x, a.bias + J.begin, H, g, Jn, c, h, tmp.data());
+          lstm_units_fwd(xproj.rows(row), a.bias + J.begin, H, g, Jn, c, h, tmp.data());
           if (a.gates) {  // training: keep the activated gates and the cell state for the backward
             for (int k = 0; k < 4; ++k) std::copy(g + k * Jn, g + (k + 1) * Jn, a.gates + row * 4 * H + k * H + J.begin);
             std::copy(c, c + Jn, a.cells + row * H + J.begin);
@@ -515,8 +562,8 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
 // RNN forward and backward (one gate, P = H)
 
 template <typename T>
-void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, const T* h0, bool relu, T* out,
-                 T* h_n, int64_t H) {
+void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const T* bias, const T* w_hh, const T* h0,
+                 bool relu, T* out, T* h_n, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
   gemm::Buffer<T> hbuf = double_buffer(h0, B * H);
@@ -530,16 +577,19 @@ void rnn_forward(const Schedule& S, const T* xg, const T* bias, const T* w_hh, c
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     gemm::Buffer<T> G(B * ldg);
-    const auto Wp = pack_transposed(w_hh, H, Jn, [&](int64_t r) { return J.begin + r; }, H, ldg, B);
+    auto unit_row = [&](int64_t r) { return J.begin + r; };
+    const auto Wp = pack_transposed(w_hh, H, Jn, unit_row, H, ldg, B);
+    InputProjection<T> xproj(S, x, w_ih, I, Jn, unit_row, ldg);
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
       const T* h_cur = hbuf.data() + (s & 1) * B * H;
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
+        xproj.at_step(s);
         matmul_own_first(bs, h_cur, H, Wp, G.data(), ldg, units, tid, flags, /*steps=*/s);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
-          rnn_units_fwd(xg + (off + b) * H + J.begin, bias + J.begin, G.data() + b * ldg, Jn, relu, h);
+          rnn_units_fwd(xproj.rows(off + b), bias + J.begin, G.data() + b * ldg, Jn, relu, h);
           std::copy(h, h + Jn, out + (off + b) * H + J.begin);
         }
       }
@@ -610,7 +660,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 
 // Internal buffers (never returned) are kept per thread and reused across calls, like oneDNN's scratchpad:
 // a fresh multi-megabyte allocation costs a page fault per 4 KiB on first touch, which measurably slowed the
-// input projection. `slot` tells the buffers of one call apart.
+// GEMMs writing them. `slot` tells the buffers of one call apart.
 Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
   thread_local std::vector<Tensor> buffers;
   if (static_cast<int>(buffers.size()) <= slot) buffers.resize(slot + 1);
@@ -638,15 +688,6 @@ Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
       std::memcpy(dst + (S.off[t] + b) * P * es, r >= 0 ? o + r * P * es : h + b * P * es, P * es);
     }
   return prev;
-}
-
-// input @ w_ih^T for all steps, into workspace slot 0. The biases are added in the fused pass instead (addmm
-// first copies the bias into the output: half again the time of the GEMM alone).
-Tensor input_projection(const Tensor& input, const Tensor& w_ih) {
-  const auto ct = compute_type(input.scalar_type());
-  Tensor out = workspace(0, {input.size(0), w_ih.size(0)}, ct);
-  at::mm_out(out, input.to(ct), w_ih.to(ct).t());
-  return out;
 }
 
 // b_ih + b_hh in the compute type, or zeros.
@@ -697,14 +738,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
 
   const auto dt = input.scalar_type(), ct = compute_type(dt);
-  const Tensor xg = input_projection(input, w_ih), bias = bias_sum(b_ih, b_hh, 4 * H, ct);
+  const Tensor xc = to_compute(input), wih = to_compute(w_ih), bias = bias_sum(b_ih, b_hh, 4 * H, ct);
   const Tensor whh = to_compute(w_hh), h0c = to_compute(h0), c0c = to_compute(c0);
   const Tensor whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
   const auto opts = bias.options();
   Tensor out = at::empty({N, P}, opts), h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
   Tensor gates = at::empty({train ? N : 0, 4 * H}, opts), cells = at::empty({train ? N : 0, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_fwd", [&] {
-    LstmFwd<scalar_t> a{xg.data_ptr<scalar_t>(),
+    LstmFwd<scalar_t> a{xc.data_ptr<scalar_t>(),
+                        wih.data_ptr<scalar_t>(),
                         bias.data_ptr<scalar_t>(),
                         whh.data_ptr<scalar_t>(),
                         whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
@@ -715,6 +757,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
                         c_n.data_ptr<scalar_t>(),
                         train ? gates.data_ptr<scalar_t>() : nullptr,
                         train ? cells.data_ptr<scalar_t>() : nullptr,
+                        input.size(1),
                         H,
                         P};
     lstm_forward(S, a);
@@ -797,12 +840,13 @@ std::tuple<Tensor, Tensor> rnn_seq_fwd(const Tensor& input, const Tensor& batch_
   const int64_t B = h0.size(0), N = input.size(0);
   const Schedule S = make_schedule(op, batch_sizes, N, B, reverse);
   const auto dt = input.scalar_type(), ct = compute_type(dt);
-  const Tensor xg = input_projection(input, w_ih), bias = bias_sum(b_ih, b_hh, H, ct);
+  const Tensor xc = to_compute(input), wih = to_compute(w_ih), bias = bias_sum(b_ih, b_hh, H, ct);
   const Tensor whh = to_compute(w_hh), h0c = to_compute(h0);
   Tensor out = at::empty({N, H}, bias.options()), h_n = at::empty({B, H}, bias.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_fwd", [&] {
-    rnn_forward<scalar_t>(S, xg.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(),
-                          h0c.data_ptr<scalar_t>(), relu, out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), H);
+    rnn_forward<scalar_t>(S, xc.data_ptr<scalar_t>(), wih.data_ptr<scalar_t>(), input.size(1),
+                          bias.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(), relu,
+                          out.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), H);
   });
   return {out.to(dt), h_n.to(dt)};
 }
