@@ -316,10 +316,10 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 }
 
 // The input projection x @ W_ih^T of a thread's gate columns, computed by the thread itself a chunk of steps at a
-// time (each chunk one GEMM of up to kChunkRows rows, a step at least) just before the chunk's first step, into a
-// buffer that stays in the thread's L2: read back by the pointwise pass, the projection of all steps at once
-// (16 MB at batch 32, hidden size 256) came from L3 or memory, a twentieth of the recurrence's time. Row r of the
-// current chunk is at rows(r), its gate columns laid out as the thread's recurrent sums (`ldg` apart).
+// time (one GEMM per chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a
+// buffer that stays in the thread's L2. (Computed for all steps at once, the projection - 16 MB at batch 32 and
+// hidden size 256 - was read back from L3 or memory, which cost a twentieth of the recurrence's time.) Row r of
+// the current chunk is at rows(r), its gate columns in the layout of the thread's recurrent sums.
 template <typename T>
 class InputProjection {
  public:
@@ -335,8 +335,12 @@ class InputProjection {
   // Called at every step s (in processing order): computes the next chunk when s starts one.
   void at_step(int64_t s) {
     if (s < next_) return;
+    auto rows_until = [&](int64_t s1) {  // rows of the steps [s, s1)
+      const auto [r0, r1] = S_.rows_of_steps(s, s1);
+      return r1 - r0;
+    };
     int64_t s1 = s + 1;
-    while (s1 < S_.T && S_.rows_of_steps(s, s1 + 1).second - S_.rows_of_steps(s, s1 + 1).first <= cap_) ++s1;
+    while (s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
     std::tie(r0_, r1_) = S_.rows_of_steps(s, s1);
     w_.matmul(r1_ - r0_, 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
     next_ = s1;
