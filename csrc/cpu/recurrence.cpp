@@ -318,8 +318,8 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 // The input projection x @ W_ih^T of a thread's gate columns, computed by the thread itself a chunk of steps at a
 // time (one GEMM per chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a
 // buffer that stays in the thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256),
-// by the BLAS or by the team, the projection is read back from L3 or memory: the whole layer ran 8-11% slower at
-// batch 32 and 12% at batch 64. Row r of the current chunk is at rows(r), its gate columns in the layout of the
+// the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
+// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk is at rows(r), its gate columns in the layout of the
 // thread's recurrent sums.
 template <typename T>
 class InputProjection {
