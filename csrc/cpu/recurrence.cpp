@@ -319,8 +319,8 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 // time (one GEMM per chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a
 // buffer that stays in the thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256),
 // the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
-// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk is at rows(r), its gate columns in the layout of the
-// thread's recurrent sums.
+// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk
+// is at rows(r), its gate columns in the layout of the thread's recurrent sums.
 template <typename T>
 class InputProjection {
  public:
