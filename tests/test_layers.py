@@ -13,7 +13,8 @@ from conftest import assert_close64, assert_error_rule
 
 # (lengths, input_size, hidden_size, proj_size): length-1 sequences, batch 1, the issue's [7, 5, 5, 2, 1, 1],
 # hidden sizes that split across threads with a partial vector at the end (40 = 32 + 8), projections whose
-# columns are split too, and a step too small to thread.
+# columns are split too, a step too small to thread, and ragged sequences of 199 rows: the forward computes its
+# input projection in chunks of 128 rows, so this one takes two chunks of different steps in each direction.
 CASES = [
     ([1], 3, 5, 0),
     ([4, 4, 4], 3, 5, 2),
@@ -22,6 +23,8 @@ CASES = [
     ([9], 8, 64, 0),
     ([12, 12, 12, 12, 12, 12, 12, 12], 16, 48, 0),
     ([6, 3, 3, 1], 5, 33, 17),
+    ([60, 50, 50, 31, 7, 1], 6, 40, 0),
+    ([60, 50, 50, 31, 7, 1], 6, 40, 24),
 ]
 
 
