@@ -9,12 +9,12 @@
 //
 // Forward: one OpenMP team for the whole sequence. Each thread owns a slice of the hidden units and packs the
 // matching rows of W_ih and W_hh once (so they stay in its cache for every step). It computes the input
-// projection of its gate columns as GEMMs over chunks of steps (128 rows, or one step if larger), each just before
-// the chunk's first step so the result is read back from L2 (InputProjection); and per step its slice of
-// h_{t-1} @ W_hh^T with a register-blocked micro-kernel, followed by the fused gate activations and state update of
-// its own units. Without a projection each thread publishes its part of h_t through a step counter and starts the next
-// step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags); with
-// one (split by output columns) two barriers per step publish h~_t and h_t.
+// projection of its gate columns as GEMMs over chunks of steps (128 rows, or one step if larger), each just
+// before the chunk's first step so the result is read back from L2 (InputProjection); and per step its slice of
+// h_{t-1} @ W_hh^T with a register-blocked micro-kernel, followed by the fused gate activations and state update
+// of its own units. Without a projection each thread publishes its part of h_t through a step counter and starts
+// the next step on the part it wrote itself, waiting for the others' parts only when it reaches them
+// (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t.
 //
 // Backward: per step (in reverse processing order) the gate gradients of each thread's units, then
 // dh_{t-1} = dG_t @ W_hh split by columns. Without a projection a thread's columns of dh are its own units, so it
@@ -185,6 +185,13 @@ Range split(int64_t n, int team, int tid, int64_t align) {
   return r;
 }
 
+// Every thread's block of the H hidden units (split's blocks for u = 0 .. team - 1).
+std::vector<Range> unit_ranges(int64_t H, int team, int64_t align) {
+  std::vector<Range> units(team);
+  for (int u = 0; u < team; ++u) units[u] = split(H, team, u, align);
+  return units;
+}
+
 // Threads for a recurrence: one per 16 hidden units at most, and one in all when a step is too small to pay
 // for a barrier.
 int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
@@ -342,8 +349,8 @@ class InputProjection {
     };
     int64_t s1 = s + 1;
     while (s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
-    std::tie(r0_, r1_) = S_.rows_of_steps(s, s1);
-    w_.matmul(r1_ - r0_, 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
+    r0_ = S_.rows_of_steps(s, s1).first;
+    w_.matmul(rows_until(s1), 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
     next_ = s1;
   }
 
@@ -355,7 +362,7 @@ class InputProjection {
   int64_t I_, ldg_, cap_;
   gemm::PackedB<T> w_;
   gemm::Buffer<T> buf_;
-  int64_t next_ = 0, r0_ = 0, r1_ = 0;
+  int64_t next_ = 0, r0_ = 0;  // the first step after the current chunk, the chunk's first row
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -391,8 +398,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     StepBarrier::Member step = barrier.join(nt);
-    std::vector<Range> units(nt);  // every thread's hidden units: without a projection, its columns of h
-    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const std::vector<Range> units = unit_ranges(H, nt, L);  // without a projection, also its columns of h
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
     gemm::Buffer<T> G(B * ldg), tmp(Jn);
@@ -495,8 +501,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     StepBarrier::Member step = barrier.join(nt);
-    std::vector<Range> units(nt);  // every thread's hidden units (without a projection, also its columns of dh)
-    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const std::vector<Range> units = unit_ranges(H, nt, L);  // without a projection, also its columns of dh
     const Range J = units[tid], Q = split(P, nt, tid, L);
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
@@ -577,8 +582,7 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    std::vector<Range> units(nt);
-    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const std::vector<Range> units = unit_ranges(H, nt, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     gemm::Buffer<T> G(B * ldg);
@@ -621,8 +625,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    std::vector<Range> units(nt);  // every thread's hidden units: its columns of dG and dh
-    for (int u = 0; u < nt; ++u) units[u] = split(H, nt, u, L);
+    const std::vector<Range> units = unit_ranges(H, nt, L);  // also its columns of dG and dh
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     const auto Wp = pack_columns(w_hh, H, H, J.begin, Jn, ldq, B);
