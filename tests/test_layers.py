@@ -107,6 +107,35 @@ def compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, dtype, backend)
         assert_error_rule(f"result {i}", a, b, c)
 
 
+# The float forward's batch-in-lanes path: sequences of one length, a batch that fills its 16-lane vectors to at
+# least 7/8, and a thread's slices of W_ih and W_hh larger than its L2 cache, so input sizes are large enough
+# (4 MiB or more per thread with two threads) to exceed a 2 MiB L2. Batches of one vector (16), two with idle lanes
+# (30) and three (48, a two-vector and a one-vector tile); projection chunks of 4, 2 and 8 steps, so every case
+# takes several; hidden sizes that split into tiles of 3 LSTM units with remainders, 12, 4 and 1 RNN units, and
+# (200) into thread slices that are not whole 16 x 16 transposes.
+LANES_CASES = [
+    ("lstm", "tanh", [9] * 30, 1800, 256),
+    ("lstm", "tanh", [3] * 48, 2200, 200),
+    ("lstm", "tanh", [17] * 16, 1800, 256),
+    ("rnn", "tanh", [9] * 30, 8000, 256),
+    ("rnn", "relu", [3] * 48, 8200, 200),
+]
+
+
+@pytest.mark.parametrize("kind, nonlinearity, lengths, I, H", LANES_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [None, 1])
+def test_cpu_layer_batch_in_lanes(kind, nonlinearity, lengths, I, H, reverse, dtype, threads):
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        compare_layer(kind, nonlinearity, lengths, I, H, 0, reverse, dtype, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("kind, nonlinearity, P", [("lstm", "tanh", 0), ("lstm", "tanh", 3), ("rnn", "tanh", 0), ("rnn", "relu", 0)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cpu_layer_gradcheck(kind, nonlinearity, reverse, P):

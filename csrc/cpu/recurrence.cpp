@@ -14,7 +14,8 @@
 // h_{t-1} @ W_hh^T with a register-blocked micro-kernel, followed by the fused gate activations and state update
 // of its own units. Without a projection each thread publishes its part of h_t through a step counter and starts
 // the next step on the part it wrote itself, waiting for the others' parts only when it reaches them
-// (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t.
+// (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward
+// whose weights outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward").
 //
 // Backward: per step (in reverse processing order) the gate gradients of each thread's units, then
 // dh_{t-1} = dG_t @ W_hh split by columns. Without a projection a thread's columns of dh are its own units, so it
@@ -27,6 +28,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <unistd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -299,14 +301,7 @@ template <typename T, typename RowOf>
 gemm::PackedB<T> pack_transposed(const T* W, int64_t ld, int64_t rows, RowOf row_of, int64_t K, int64_t ldo,
                                  int64_t max_rows) {
   std::vector<T> t(K * ldo, T(0));  // t[k][r]
-  int64_t r16 = 0, k16 = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    vec_math::transpose_blocks16(rows, K, [&](int64_t r) { return W + row_of(r) * ld; }, 1.0f, t.data(), ldo);
-    r16 = rows / 16 * 16;
-    k16 = K / 16 * 16;
-  }
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t r = k < k16 ? r16 : 0; r < rows; ++r) t[k * ldo + r] = W[row_of(r) * ld + k];
+  vec_math::transpose(rows, K, [&](int64_t r) { return W + row_of(r) * ld; }, t.data(), ldo);
   gemm::PackedB<T> packed;
   packed.pack(K, ldo, max_rows, [&](int64_t k, int64_t r) { return t[k * ldo + r]; });
   return packed;
@@ -664,6 +659,317 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Batch-in-lanes forward: float with AVX-512, every sequence of the same length, a batch that fills its vectors
+//
+// The forward above puts a thread's gate columns in the vector lanes and broadcasts the rows of h, so a weight
+// vector loaded serves one block of 8 rows: at batch 64 a thread's packed W_hh is read eight times a step. When
+// the thread's weights do not fit in its L2 (4 MiB at hidden size 512) they come from L3 every step, at a rate
+// that cannot feed the 8-row tile. Here the batch is in the lanes (16 sequences per vector) and the weights are
+// broadcast: the state is kept transposed (h^T and c^T: hidden unit x batch), and a register tile of 12 weight
+// rows x 2 vectors serves 32 sequences per weight read. At batch 64, hidden size 512 the layer runs 4-6% faster
+// (59 against 62 ms); at batch 32, hidden size 256, whose weights fit in L2, both reach the same matmul rate and
+// the transposes below make this one 1-2% slower, so it is taken only for weights larger than L2.
+// A tile's rows are the 4 gates of 3 hidden units (LSTM) or 12 units (RNN), so the activations and the state
+// update run on the accumulators, in registers. The input projection is computed in the same layout, a chunk of
+// steps at a time (as InputProjection) from a transposed copy of the chunk's input, and the recurrent sums are
+// accumulated onto it. Output rows (and in training the saved gates and cells) are transposed back each step in
+// 16 x 16 register blocks. Lanes past the batch size hold zeros and finite values derived from them, never read
+// back. The k-ranges of h are summed in the same order as matmul_own_first's (the thread's own units first), and
+// each thread's partial sums wait in the projection buffer between them.
+
+constexpr int64_t kLanes = 16;
+
+// The size of one core's L2 cache (2 MiB if the system does not say).
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{2} << 20;
+  }();
+  return bytes;
+}
+
+// Whether a forward takes the batch-in-lanes path: float without a projection; a thread's slices of W_ih and
+// W_hh larger than its L2 (see above); every sequence as long as the first (a PackedSequence's tail of shorter
+// sequences would leave lanes idle); and at most one lane in eight idle.
+bool lanes_forward_applies(const Schedule& S, bool is_float, bool proj, int gates, int64_t I, int64_t H) {
+#if defined(__AVX512F__)
+  const int64_t B = S.B, team = team_size(gates, H, H, B);
+  const int64_t slice_bytes = gates * ((H + team - 1) / team) * (I + H) * static_cast<int64_t>(sizeof(float));
+  return is_float && !proj && slice_bytes > l2_cache_bytes() && B >= 14 && S.bs[S.T - 1] == B &&
+         8 * B >= 7 * round_up(B, kLanes);
+#else
+  (void)S, (void)is_float, (void)proj, (void)gates, (void)I, (void)H;
+  return false;
+#endif
+}
+
+// Hidden units per register tile: 3 LSTM units (12 gate rows), 12 RNN units; then blocks of 4 RNN units; then 1.
+inline int64_t tile_units(int gates, int64_t left) {
+  if (gates == 4) return left >= 3 ? 3 : 1;
+  return left >= 12 ? 12 : left >= 4 ? 4 : 1;
+}
+
+// A thread's rows of a gate-stacked weight matrix (gates * H rows of K, row stride ld), units [j0, j0 + Jn), as the
+// broadcast operand of the tiles: per tile (tile_units units from local unit u0), its rows m = unit * gates + gate
+// k-major, element (k, m) at block(u0)[k * rows + m]. The tiles' rows, in order, are the local rows of every
+// lanes buffer: local row u * gates + g is gate g of unit j0 + u.
+class LaneWeights {
+ public:
+  LaneWeights(const float* W, int64_t ld, int64_t K, int64_t H, int gates, int64_t j0, int64_t Jn)
+      : K_(K), gates_(gates), data_(Jn * gates * K) {
+    std::vector<const float*> src;
+    for (int64_t u0 = 0; u0 < Jn;) {
+      const int64_t units = tile_units(gates, Jn - u0), rows = units * gates;
+      src.clear();
+      for (int64_t m = 0; m < rows; ++m) src.push_back(W + ((m % gates) * H + j0 + u0 + m / gates) * ld);
+      float* dst = block(u0);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t m = 0; m < rows; ++m) dst[k * rows + m] = src[m][k];
+      u0 += units;
+    }
+  }
+  float* block(int64_t u0) { return data_.data() + u0 * gates_ * K_; }
+  const float* block(int64_t u0) const { return data_.data() + u0 * gates_ * K_; }
+
+ private:
+  int64_t K_;
+  int gates_;
+  gemm::Buffer<float> data_;
+};
+
+inline vec_math::vfloat16 load_lanes(const float* p) {
+  vec_math::vfloat16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_lanes(float* p, const vec_math::vfloat16& v) { std::memcpy(p, &v, sizeof v); }
+
+// What a tile does once its k-range is summed: keep the partial sums, or finish the step.
+struct LaneEpilogue {
+  bool last;        // this k-range completes the sums: activations and state update
+  float* c;         // LSTM: c^T at the tile's first unit and column (updated in place), row stride ldb
+  float* h;         // h^T of the next step at the tile's first unit and column, row stride ldb
+  int64_t ldb;
+  bool relu;        // RNN nonlinearity
+  bool keep;        // training: the activated gates replace the sums in `acc_out`
+};
+
+// acc = init + w[k0:k1]^T-rows @ hT[k0:k1] for MR weight rows x NR vectors of columns, in panels of
+// gemm::kPackedPanel products as PackedB sums: the first panel's chains start from init, each later one's from
+// zero, added to the total once done (one chain over a long input would round like a naive sum: 6x torch's
+// error at input size 8000). Not inlined into the epilogues: inlined, the activations' constants pushed GCC to
+// keep the RNN tile's accumulators on the stack through the k loop (a third slower).
+template <int MR, int NR>
+__attribute__((noinline)) void lane_sums(const float* __restrict__ w, const float* __restrict__ hT, int64_t ldh,
+                                         int64_t k0, int64_t k1, const float* init, int64_t ldi,
+                                         vec_math::vfloat16 (&acc)[MR][NR]) {
+  using vec_math::vfloat16;
+  int64_t p0 = k0;
+  do {
+    const bool first = p0 == k0;
+    const int64_t p1 = std::min(k1, p0 + gemm::kPackedPanel);
+    vfloat16 r[MR][NR];
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) r[m][n] = first ? load_lanes(init + m * ldi + n * kLanes) : vfloat16{};
+    for (int64_t k = p0; k < p1; ++k) {
+      vfloat16 b[NR];
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) b[n] = load_lanes(hT + k * ldh + n * kLanes);
+      const float* wk = w + k * MR;
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const float a = wk[m];
+#pragma GCC unroll 2
+        for (int n = 0; n < NR; ++n) r[m][n] += a * b[n];
+      }
+    }
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) acc[m][n] = first ? r[m][n] : acc[m][n] + r[m][n];
+    p0 = p1;
+  } while (p0 < k1);
+}
+
+// One register tile: lane_sums, then (epilogue) the sums either stored to acc_out (partial sums) or turned into
+// the step's states. Rows are ldh (hT), ldi (init) and ldo (acc_out) apart; init and acc_out may be the same (the
+// projection buffer holds the partial sums).
+template <int G, int MR, int NR>
+inline void lane_tile(const float* w, const float* hT, int64_t ldh, int64_t k0, int64_t k1, const float* init,
+                      int64_t ldi, float* acc_out, int64_t ldo, const LaneEpilogue& e) {
+  using vec_math::vfloat16;
+  vfloat16 acc[MR][NR];
+  lane_sums<MR, NR>(w, hT, ldh, k0, k1, init, ldi, acc);
+  if (!e.last || e.keep) {
+    if constexpr (G == 4) {
+      if (e.last) {  // training: the sums become the activated gates before they are stored
+#pragma GCC unroll 12
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+          for (int n = 0; n < NR; ++n)
+            acc[m][n] = m % 4 == 2 ? vec_math::tanh16(acc[m][n]) : vec_math::sigmoid16(acc[m][n]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) store_lanes(acc_out + m * ldo + n * kLanes, acc[m][n]);
+    if (!e.last) return;
+  }
+  if constexpr (G == 4) {
+#pragma GCC unroll 3
+    for (int u = 0; u < MR / 4; ++u)
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) {
+        vfloat16 i = acc[4 * u][n], f = acc[4 * u + 1][n], g = acc[4 * u + 2][n], o = acc[4 * u + 3][n];
+        if (!e.keep) {  // (kept gates were activated above)
+          i = vec_math::sigmoid16(i);
+          f = vec_math::sigmoid16(f);
+          g = vec_math::tanh16(g);
+          o = vec_math::sigmoid16(o);
+        }
+        float* cp = e.c + u * e.ldb + n * kLanes;
+        const vfloat16 c = f * load_lanes(cp) + i * g;
+        store_lanes(cp, c);
+        store_lanes(e.h + u * e.ldb + n * kLanes, o * vec_math::tanh16(c));
+      }
+  } else {
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int n = 0; n < NR; ++n) {
+        const vfloat16 v = acc[m][n];
+        store_lanes(e.h + m * e.ldb + n * kLanes, e.relu ? (v > 0.0f ? v : vfloat16{}) : vec_math::tanh16(v));
+      }
+  }
+}
+
+// The tiles of units [u0, u0 + units), one column group of nr vectors.
+template <int G>
+void lane_tile_n(int64_t units, int nr, const float* w, const float* hT, int64_t ldh, int64_t k0, int64_t k1,
+                 const float* init, int64_t ldi, float* acc_out, int64_t ldo, const LaneEpilogue& e) {
+  auto run = [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    if (nr == 2)
+      lane_tile<G, MR, 2>(w, hT, ldh, k0, k1, init, ldi, acc_out, ldo, e);
+    else
+      lane_tile<G, MR, 1>(w, hT, ldh, k0, k1, init, ldi, acc_out, ldo, e);
+  };
+  switch (units * G) {
+    case 12: run(std::integral_constant<int, 12>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    default: run(std::integral_constant<int, 1>{}); break;  // RNN, one unit
+  }
+}
+
+struct LanesFwd {
+  const float* x;     // (N, I)
+  const float* w_ih;  // (G * H, I)
+  const float* bias;  // (G * H) b_ih + b_hh
+  const float* w_hh;  // (G * H, H)
+  const float* h0;    // (B, H)
+  const float* c0;    // (B, H), LSTM
+  float* out;         // (N, H)
+  float* h_n;         // (B, H)
+  float* c_n;         // (B, H), LSTM
+  float* gates;       // (N, 4H) activated gates, or null when not training (LSTM)
+  float* cells;       // (N, H) cell states, or null when not training (LSTM)
+  int64_t I, H;
+  bool relu;  // RNN
+};
+
+// The forward of an LSTM (G = 4) or RNN (G = 1) layer in the batch-in-lanes layout (see above).
+template <int G>
+void lanes_forward(const Schedule& S, const LanesFwd& a) {
+  const int64_t H = a.H, I = a.I, B = S.B, ldb = round_up(B, kLanes), nv = ldb / kLanes;
+  const int64_t chunk_steps = std::max<int64_t>(1, InputProjection<float>::kChunkRows / B);
+  // h^T (two halves, both starting as h0^T) and c^T: unit j's lanes at row j. Padding lanes stay finite.
+  gemm::Buffer<float> hT(2 * H * ldb, 0.0f), cT(G == 4 ? H * ldb : 0, 0.0f);
+  for (int half = 0; half < 2; ++half)
+    vec_math::transpose(B, H, [&](int64_t r) { return a.h0 + r * H; }, hT.data() + half * H * ldb, ldb);
+  if (G == 4) vec_math::transpose(B, H, [&](int64_t r) { return a.c0 + r * H; }, cT.data(), ldb);
+  const int team = team_size(G, H, H, B);
+  StepFlags flags(team);
+#pragma omp parallel num_threads(team)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const std::vector<Range> units = unit_ranges(H, nt, kLanes);
+    const Range J = units[tid];
+    const int64_t Jn = J.size(), rows = G * Jn, ldp = chunk_steps * ldb;
+    const LaneWeights Wh(a.w_hh, H, H, H, G, J.begin, Jn), Wi(a.w_ih, I, I, H, G, J.begin, Jn);
+    // The chunk's input transposed (x^T: feature x lanes, a step per ldb columns; padding lanes zero), its
+    // projection for the thread's local rows (ldp apart), and the bias of each local row across 2 vectors.
+    gemm::Buffer<float> xT(Jn > 0 ? I * ldp : 0, 0.0f), proj(rows * ldp), bias(rows * 2 * kLanes);
+    for (int64_t m = 0; m < rows; ++m)
+      std::fill_n(bias.data() + m * 2 * kLanes, 2 * kLanes, a.bias[(m % G) * H + J.begin + m / G]);
+    int64_t chunk_first = 0, chunk_end = 0;
+    // Runs the tiles of every local unit over the first nv_ column vectors of src (ldh apart): row m, vector v of
+    // the sums starts at init + m * ldi + v * init_v and goes to dst + m * ldd + v * kLanes.
+    auto tiles = [&](const LaneWeights& W, const float* src, int64_t ldh, int64_t k0, int64_t k1, int64_t nv_,
+                     const float* init, int64_t ldi, int64_t init_v, float* dst, int64_t ldd,
+                     const LaneEpilogue& e0) {
+      for (int64_t u0 = 0; u0 < Jn;) {
+        const int64_t nu = tile_units(G, Jn - u0);
+        for (int64_t v = 0; v < nv_;) {
+          const int nr = v + 2 <= nv_ ? 2 : 1;
+          LaneEpilogue e = e0;
+          if (e.last) {
+            e.h += (J.begin + u0) * ldb + v * kLanes;
+            if (G == 4) e.c += (J.begin + u0) * ldb + v * kLanes;
+          }
+          lane_tile_n<G>(nu, nr, W.block(u0), src + v * kLanes, ldh, k0, k1, init + u0 * G * ldi + v * init_v, ldi,
+                         dst + u0 * G * ldd + v * kLanes, ldd, e);
+          v += nr;
+        }
+        u0 += nu;
+      }
+    };
+
+    for (int64_t s = 0; s < S.T; ++s) {
+      const int64_t t = S.t_of(s), off = S.off[t];
+      const float* h_cur = hT.data() + (s & 1) * H * ldb;
+      float* h_nxt = hT.data() + ((s + 1) & 1) * H * ldb;
+      if (Jn > 0) {
+        if (s >= chunk_end) {  // the next chunk's projection: bias + W_ih x^T
+          chunk_first = s;
+          chunk_end = std::min(S.T, s + chunk_steps);
+          for (int64_t sl = 0; sl < chunk_end - s; ++sl) {
+            const float* xs = a.x + S.off[S.t_of(s + sl)] * I;
+            vec_math::transpose(B, I, [&](int64_t r) { return xs + r * I; }, xT.data() + sl * ldb, ldp);
+          }
+          const LaneEpilogue keep_sums{false, nullptr, nullptr, ldb, false, false};
+          tiles(Wi, xT.data(), ldp, 0, I, (chunk_end - s) * nv, bias.data(), 2 * kLanes, 0, proj.data(), ldp,
+                keep_sums);
+        }
+        // This step's sums, own k-range first, accumulated in the projection buffer, the last range finishing.
+        float* sums = proj.data() + (s - chunk_first) * ldb;
+        for (int p = 0; p < nt; ++p) {
+          const int u = p == 0 ? tid : (p <= tid ? p - 1 : p);
+          if (p > 0) flags.wait(u, s);
+          const LaneEpilogue e{p == nt - 1, cT.data(), h_nxt, ldb, a.relu, a.gates != nullptr};
+          tiles(Wh, h_cur, ldb, units[u].begin, units[u].end, nv, sums, ldp, kLanes, sums, ldp, e);
+        }
+        auto rows_of = [&](const float* base, int64_t ld) { return [=](int64_t r) { return base + r * ld; }; };
+        vec_math::transpose(Jn, B, rows_of(h_nxt + J.begin * ldb, ldb), a.out + off * H + J.begin, H);
+        if (a.gates) {
+          for (int g = 0; g < 4; ++g)
+            vec_math::transpose(Jn, B, rows_of(sums + g * ldp, 4 * ldp), a.gates + off * 4 * H + g * H + J.begin,
+                                4 * H);
+          vec_math::transpose(Jn, B, rows_of(cT.data() + J.begin * ldb, ldb), a.cells + off * H + J.begin, H);
+        }
+        if (s == S.T - 1) {
+          vec_math::transpose(Jn, B, rows_of(h_nxt + J.begin * ldb, ldb), a.h_n + J.begin, H);
+          if (G == 4) vec_math::transpose(Jn, B, rows_of(cT.data() + J.begin * ldb, ldb), a.c_n + J.begin, H);
+        }
+      }
+      flags.publish(tid, s + 1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Op entry points
 
 // Internal buffers (never returned) are kept per thread and reused across calls, like oneDNN's scratchpad:
@@ -752,6 +1058,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_fwd(
   const auto opts = bias.options();
   Tensor out = at::empty({N, P}, opts), h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
   Tensor gates = at::empty({train ? N : 0, 4 * H}, opts), cells = at::empty({train ? N : 0, H}, opts);
+  if (lanes_forward_applies(S, ct == at::kFloat, whr.defined(), 4, input.size(1), H)) {
+    const LanesFwd a{xc.data_ptr<float>(),  wih.data_ptr<float>(), bias.data_ptr<float>(),
+                     whh.data_ptr<float>(), h0c.data_ptr<float>(),  c0c.data_ptr<float>(),
+                     out.data_ptr<float>(), h_n.data_ptr<float>(),  c_n.data_ptr<float>(),
+                     train ? gates.data_ptr<float>() : nullptr,     train ? cells.data_ptr<float>() : nullptr,
+                     input.size(1),         H,                      false};
+    lanes_forward<4>(S, a);
+    return {out.to(dt), h_n.to(dt), c_n.to(dt), gates, cells};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_fwd", [&] {
     LstmFwd<scalar_t> a{xc.data_ptr<scalar_t>(),
                         wih.data_ptr<scalar_t>(),
@@ -851,6 +1166,14 @@ std::tuple<Tensor, Tensor> rnn_seq_fwd(const Tensor& input, const Tensor& batch_
   const Tensor xc = to_compute(input), wih = to_compute(w_ih), bias = bias_sum(b_ih, b_hh, H, ct);
   const Tensor whh = to_compute(w_hh), h0c = to_compute(h0);
   Tensor out = at::empty({N, H}, bias.options()), h_n = at::empty({B, H}, bias.options());
+  if (lanes_forward_applies(S, ct == at::kFloat, /*proj=*/false, 1, input.size(1), H)) {
+    const LanesFwd a{xc.data_ptr<float>(),  wih.data_ptr<float>(), bias.data_ptr<float>(), whh.data_ptr<float>(),
+                     h0c.data_ptr<float>(), nullptr,               out.data_ptr<float>(),  h_n.data_ptr<float>(),
+                     nullptr,               nullptr,               nullptr,                input.size(1),
+                     H,                     relu};
+    lanes_forward<1>(S, a);
+    return {out.to(dt), h_n.to(dt)};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_fwd", [&] {
     rnn_forward<scalar_t>(S, xc.data_ptr<scalar_t>(), wih.data_ptr<scalar_t>(), input.size(1),
                           bias.data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(), h0c.data_ptr<scalar_t>(), relu,

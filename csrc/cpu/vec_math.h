@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace seqkernels {
 namespace vec_math {
@@ -123,6 +124,20 @@ inline void transpose_blocks16(int64_t rows, int64_t cols, RowPtr row, float alp
       transpose16(x);
       for (int i = 0; i < 16; ++i) std::memcpy(dst + (c0 + i) * ldd + r0, &x[i], sizeof x[i]);
     }
+}
+
+// A whole matrix transpose: dst[c * ldd + r] = row(r)[c] for r < rows, c < cols; float through 16 x 16 register
+// blocks, the edges (and double) element by element.
+template <typename T, typename RowPtr>
+inline void transpose(int64_t rows, int64_t cols, RowPtr row, T* dst, int64_t ldd) {
+  int64_t r16 = 0, c16 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_blocks16(rows, cols, row, 1.0f, dst, ldd);
+    r16 = rows / 16 * 16;
+    c16 = cols / 16 * 16;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = row(r)[c];
 }
 
 // The first min(n, 16) floats at p, zero-padded to a vector.
