@@ -10,6 +10,8 @@ import importlib
 import threading
 from typing import Callable, List, Optional
 
+import torch
+
 _lock = threading.Lock()
 _loaded: Optional[bool] = None
 _error: Optional[str] = None
@@ -17,6 +19,9 @@ _path: Optional[str] = None
 _on_load: List[Callable[[], None]] = []
 
 
+# Under torch.compile the first call runs eagerly and its result is a constant of the graph: the import and its
+# lock cannot be traced, and the answer never changes once known.
+@torch.compiler.assume_constant_result
 def load() -> bool:
     """Import the extension if not tried yet; return whether it is loaded."""
     global _loaded, _error, _path
@@ -55,6 +60,4 @@ def on_load(hook: Callable[[], None]) -> None:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``seqkernels::<op>`` has a kernel registered for ``dispatch_key`` (e.g. "CPU", "CUDA")."""
-    import torch
-
     return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkernels::{op}", dispatch_key)

@@ -2,6 +2,9 @@
 the reference against torch.nn, gradcheck, opcheck, reproducibility and bad input."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -239,6 +242,23 @@ def test_layer_ops_compile_without_graph_breaks(kind):
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+def test_first_call_inside_compile():
+    """The extension's first load happening while Dynamo traces (a fresh process, nothing called before)."""
+    script = """
+import torch, seqkernels
+from seqkernels.ops.lstm import lstm_layer
+bs = torch.tensor([3, 3, 2])
+args = (torch.randn(8, 4), bs, torch.zeros(3, 5), torch.zeros(3, 5), torch.randn(20, 4), torch.randn(20, 5))
+fn = lambda *a: lstm_layer(*a, None, None, None, False)[0].sin()
+with seqkernels.use_backend("cpu"):
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(out, fn(*args))
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_lstm_module_compiles_without_graph_breaks():
