@@ -19,9 +19,16 @@ _path: Optional[str] = None
 _on_load: List[Callable[[], None]] = []
 
 
+def _constant_under_compile(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """What torch.compiler.assume_constant_result does (Dynamo runs ``fn`` eagerly and takes its result as a
+    constant), without that function's import of torch._dynamo (and with it triton) at ``import seqkernels``."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 # Under torch.compile the first call runs eagerly and its result is a constant of the graph: the import and its
 # lock cannot be traced, and the answer never changes once known.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def load() -> bool:
     """Import the extension if not tried yet; return whether it is loaded."""
     global _loaded, _error, _path
