@@ -112,16 +112,17 @@ def compare_layer(kind, nonlinearity, lengths, I, H, P, reverse, dtype, backend)
 
 # The float forward's batch-in-lanes path: sequences of one length, a batch that fills its 16-lane vectors to at
 # least 7/8, and a thread's slices of W_ih and W_hh larger than its L2 cache, so input sizes are large enough
-# (4 MiB or more per thread with two threads) to exceed a 2 MiB L2. Batches of one vector (16), two with idle lanes
-# (30) and three (48, a two-vector and a one-vector tile); projection chunks of 4, 2 and 8 steps, so every case
-# takes several; hidden sizes that split into tiles of 3 LSTM units with remainders, 12, 4 and 1 RNN units, and
-# (200) into thread slices that are not whole 16 x 16 transposes.
+# (3.5 MiB or more per thread with two threads) to exceed a 2 MiB L2. Batches of one vector (16), two with idle
+# lanes (30) and three (48, a two-vector and a one-vector tile); projection chunks of 4, 2 and 8 steps, so every
+# case takes several; hidden sizes that split into tiles of 3 LSTM units with 1-unit remainders, of 12, 4 and 1
+# RNN units (203: 91 = 7 * 12 + 4 + 3 * 1 with two threads), and (200, 203) into thread slices that are not whole
+# 16 x 16 transposes; an odd hidden size also makes the inputs non-contiguous.
 LANES_CASES = [
     ("lstm", "tanh", [9] * 30, 1800, 256),
     ("lstm", "tanh", [3] * 48, 2200, 200),
     ("lstm", "tanh", [17] * 16, 1800, 256),
     ("rnn", "tanh", [9] * 30, 8000, 256),
-    ("rnn", "relu", [3] * 48, 8200, 200),
+    ("rnn", "relu", [3] * 48, 8200, 203),
 ]
 
 
