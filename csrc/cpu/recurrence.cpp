@@ -666,7 +666,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
 // the thread's weights do not fit in its L2 (4 MiB at hidden size 512) they come from L3 every step, at a rate
 // that cannot feed the 8-row tile. Here the batch is in the lanes (16 sequences per vector) and the weights are
 // broadcast: the state is kept transposed (h^T and c^T: hidden unit x batch), and a register tile of 12 weight
-// rows x 2 vectors serves 32 sequences per weight read. At batch 64, hidden size 512 the layer runs 4-6% faster
+// rows x 2 vectors serves 32 sequences per weight read. At batch 64, hidden size 512 the layer runs 3-6% faster
 // (59 against 62 ms); at batch 32, hidden size 256, whose weights fit in L2, both reach the same matmul rate and
 // the transposes below make this one 1-2% slower, so it is taken only for weights larger than L2.
 // A tile's rows are the 4 gates of 3 hidden units (LSTM) or 12 units (RNN), so the activations and the state
