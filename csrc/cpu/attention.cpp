@@ -107,19 +107,11 @@ struct Mask {
 };
 
 // dst[c][r] = src[r][c] * alpha for r < rows, c < cols (dst row stride ldd); columns rows .. rows_pad zeroed.
-// float: 16 x 16 blocks transposed in registers, the edges element by element.
 template <typename T>
 void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T alpha, T* dst, int64_t ldd,
                int64_t rows_pad) {
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + c * ldd + rows_pad, T(0));
-  int64_t r16 = 0, c16 = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    vec_math::transpose_blocks16(rows, cols, [&](int64_t r) { return src + r * lds; }, alpha, dst, ldd);
-    r16 = rows / 16 * 16;
-    c16 = cols / 16 * 16;
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c] * alpha;
+  vec_math::transpose(rows, cols, [&](int64_t r) { return src + r * lds; }, dst, ldd, alpha);
 }
 
 // dst (rows x ldd) = src (rows x cols, row stride lds), columns past cols zeroed.

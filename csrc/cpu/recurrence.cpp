@@ -737,11 +737,7 @@ class LaneWeights {
   gemm::Buffer<float> data_;
 };
 
-inline vec_math::vfloat16 load_lanes(const float* p) {
-  vec_math::vfloat16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+inline vec_math::vfloat16 load_lanes(const float* p) { return vec_math::load16(p, kLanes); }
 inline void store_lanes(float* p, const vec_math::vfloat16& v) { std::memcpy(p, &v, sizeof v); }
 
 // What a tile does once its k-range is summed: keep the partial sums, or finish the step.

@@ -126,18 +126,18 @@ inline void transpose_blocks16(int64_t rows, int64_t cols, RowPtr row, float alp
     }
 }
 
-// A whole matrix transpose: dst[c * ldd + r] = row(r)[c] for r < rows, c < cols; float through 16 x 16 register
-// blocks, the edges (and double) element by element.
+// A whole matrix transpose: dst[c * ldd + r] = row(r)[c] * alpha for r < rows, c < cols; float through 16 x 16
+// register blocks, the edges (and double) element by element.
 template <typename T, typename RowPtr>
-inline void transpose(int64_t rows, int64_t cols, RowPtr row, T* dst, int64_t ldd) {
+inline void transpose(int64_t rows, int64_t cols, RowPtr row, T* dst, int64_t ldd, T alpha = T(1)) {
   int64_t r16 = 0, c16 = 0;
   if constexpr (std::is_same_v<T, float>) {
-    transpose_blocks16(rows, cols, row, 1.0f, dst, ldd);
+    transpose_blocks16(rows, cols, row, alpha, dst, ldd);
     r16 = rows / 16 * 16;
     c16 = cols / 16 * 16;
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = row(r)[c];
+    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = row(r)[c] * alpha;
 }
 
 // The first min(n, 16) floats at p, zero-padded to a vector.
