@@ -1,7 +1,9 @@
 """Shared test helpers: seeded inputs and the comparison rules of DESIGN.md."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -21,6 +23,18 @@ seqkernels.backends._env_backend = None
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@contextlib.contextmanager
+def num_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to n (None: unchanged) inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

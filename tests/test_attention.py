@@ -10,7 +10,7 @@ import seqkernels
 from seqkernels import _ext
 from seqkernels.ops.attention import cpu, function, reference
 
-from conftest import assert_close64, assert_error_rule
+from conftest import assert_close64, assert_error_rule, num_threads
 
 # (query batch shape, key/value batch shape, L, S, E, Ev, enable_gqa): partial tiles (48 queries by 96 keys in the
 # float32 forward and 144 in its backward, by 48 and 72 in float64) of 1, 2 and 3 vectors of queries, L or S = 1,
@@ -295,10 +295,6 @@ def test_bad_gqa_and_dtypes():
 def test_both_backward_schedules(threads):
     """The backward runs one task per key/value head when there are at least 2 per thread, else two passes over
     tiles; 4 heads with 1 thread take the first, with 8 threads the second."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         compare((2, 2), (2, 2), 70, 100, 16, 24, False, torch.float64, mask_name="float-B1LS")
         compare((1, 4), (1, 4), 70, 100, 16, 24, False, torch.float64, causal=True)
-    finally:
-        torch.set_num_threads(previous)

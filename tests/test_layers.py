@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import seqkernels
 from seqkernels.ops.lstm import lstm_layer, reference, rnn_layer
 
-from conftest import assert_close64, assert_error_rule
+from conftest import assert_close64, assert_error_rule, num_threads
 
 # (lengths, input_size, hidden_size, proj_size): length-1 sequences, batch 1, the issue's [7, 5, 5, 2, 1, 1],
 # hidden sizes that split across threads with a partial vector at the end (40 = 32 + 8), projections whose
@@ -131,13 +131,8 @@ LANES_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [None, 1])
 def test_cpu_layer_batch_in_lanes(kind, nonlinearity, lengths, I, H, reverse, dtype, threads):
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         compare_layer(kind, nonlinearity, lengths, I, H, 0, reverse, dtype, "cpu")
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("kind, nonlinearity, P", [("lstm", "tanh", 0), ("lstm", "tanh", 3), ("rnn", "tanh", 0), ("rnn", "relu", 0)])
@@ -182,18 +177,28 @@ def test_reference_layer_matches_torch_lstm_on_packed_sequences():
 def test_results_are_reproducible_and_thread_count_independent(kind):
     args, bs = make_layer(kind, [30] * 8, 32, 64, 0, torch.float32)
     args = [a.detach() if a is not None else None for a in args]
-    threads = torch.get_num_threads()
-    try:
-        with torch.no_grad(), seqkernels.use_backend("cpu"):
-            first = call(kind, args, bs, False)
-            again = call(kind, args, bs, False)
-            torch.set_num_threads(1)
+    with torch.no_grad(), seqkernels.use_backend("cpu"):
+        first = call(kind, args, bs, False)
+        again = call(kind, args, bs, False)
+        with num_threads(1):
             single = call(kind, args, bs, False)
-    finally:
-        torch.set_num_threads(threads)
     for a, b, c in zip(first, again, single):
         assert torch.equal(a, b)  # bitwise, run to run
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # any thread count: same up to rounding
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("threads", [None, 1])
+def test_batch_in_lanes_is_bitwise_reproducible(kind, threads):
+    """Run to run, at each thread count (across thread counts, test_cpu_layer_batch_in_lanes holds both to the
+    float64 reference)."""
+    args, bs = make_layer(kind, [5] * 30, 8000, 256, 0, torch.float32)  # a LANES_CASES shape
+    args = [a.detach() if a is not None else None for a in args]
+    with torch.no_grad(), seqkernels.use_backend("cpu"), num_threads(threads):
+        first = call(kind, args, bs, False)
+        again = call(kind, args, bs, False)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def test_empty_batch():
