@@ -424,8 +424,8 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
           T* g = G.data() + b * ldg;
           lstm_units_fwd(xproj.rows(row), a.bias + J.begin, H, g, Jn, c, h, tmp.data());
           if (a.gates) {  // training: keep the activated gates and the cell state for the backward
-            for (int k = 0; k < 4; ++k) std::copy(g + k * Jn, g + (k + 1) * Jn, a.gates + row * 4 * H + k * H + J.begin);
-            std::copy(c, c + Jn, a.cells + row * H + J.begin);
+            for (int k = 0; k < 4; ++k) vec_math::stream_copy(g + k * Jn, a.gates + row * 4 * H + k * H + J.begin, Jn);
+            vec_math::stream_copy(c, a.cells + row * H + J.begin, Jn);
           }
           if (!proj) std::copy(h, h + Jn, a.out + row * P + J.begin);
         }
@@ -449,6 +449,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       else
         flags.publish(tid, s + 1);
     }
+    vec_math::stream_fence();  // the saved gates and cells, before the backward reads them
   }
 }
 

@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace seqkernels {
 namespace vec_math {
@@ -148,6 +151,33 @@ inline vfloat16 load16(const float* p, int64_t n) {
   else
     std::memcpy(&v, p, n * sizeof(float));
   return v;
+}
+
+// dst[0, n) = src[0, n), with non-temporal stores when dst is 64-byte aligned and n fills whole vectors: for data
+// written once and read back only much later (the activations a forward saves for its backward), whose plain
+// stores would first read every destination line into the cache. Otherwise a plain copy. The writing thread
+// calls stream_fence() before another thread may read what it streamed.
+template <typename T>
+inline void stream_copy(const T* src, T* dst, int64_t n) {
+#if defined(__AVX512F__)
+  constexpr int64_t kVec = 64 / sizeof(T);
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && n % kVec == 0) {
+    for (int64_t i = 0; i < n; i += kVec) {
+      if constexpr (std::is_same_v<T, float>)
+        _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+      else
+        _mm512_stream_pd(dst + i, _mm512_loadu_pd(src + i));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 template <typename F>
