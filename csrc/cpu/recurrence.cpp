@@ -456,6 +456,34 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM backward through time
 
+// The bias gradient of a thread's units: the column sums of its gate-gradient columns, `segments` blocks of n
+// columns at `stride` apart in each row (one per gate), summed as the backward writes them. Each step's rows are
+// summed apart and the step sums added to the total in processing order, so the order does not depend on the
+// thread count and no chain is longer than a batch or the step count.
+template <typename T>
+class BiasGrad {
+ public:
+  BiasGrad(int segments, int64_t n, int64_t stride)
+      : segments_(segments), n_(n), stride_(stride), step_(segments * n, T(0)), total_(segments * n, T(0)) {}
+  void add_row(const T* row) {
+    for (int k = 0; k < segments_; ++k)
+      for (int64_t j = 0; j < n_; ++j) step_[k * n_ + j] += row[k * stride_ + j];
+  }
+  void end_step() {
+    for (size_t i = 0; i < step_.size(); ++i) total_[i] += step_[i];
+    std::fill(step_.begin(), step_.end(), T(0));
+  }
+  // Writes the sums into a row laid out as the gate-gradient rows.
+  void store(T* row) const {
+    for (int k = 0; k < segments_; ++k) std::copy(total_.begin() + k * n_, total_.begin() + (k + 1) * n_, row + k * stride_);
+  }
+
+ private:
+  int segments_;
+  int64_t n_, stride_;
+  gemm::Buffer<T> step_, total_;
+};
+
 template <typename T>
 struct LstmBwd {
   const T* grad_out;  // (N, P)
@@ -471,6 +499,7 @@ struct LstmBwd {
   T* Ht;              // (N, H) out, projection only: o * tanh(c) at each step
   T* grad_h0;         // (B, P)
   T* grad_c0;         // (B, H)
+  T* grad_bias;       // (4H) column sums of dG
   int64_t H, P;
 };
 
@@ -502,6 +531,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
     const int64_t Jn = J.size(), ldj = round_up(Jn, L), Qn = Q.size(), ldq = round_up(Qn, L);
     const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
     gemm::Buffer<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
+    BiasGrad<T> db(4, Jn, H);
     gemm::PackedB<T> Rp;  // W_hr[:, J] for dh~ = dh @ W_hr
     if (proj) Rp = pack_columns(a.w_hr, H, P, J.begin, Jn, ldj, B);
 
@@ -531,7 +561,9 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
           else
             lstm_units_bwd<T, false>(g, H, a.cells + row * H + J.begin, cprev, dht + b * ld_dht, dc, dG,
                                      nullptr, tc.data(), Jn);
+          db.add_row(dG);
         }
+        db.end_step();
       }
       // The other threads' gate gradients are read below: a barrier with a projection (which also reads the
       // others' dh columns); without one, each thread's part is waited for when reached (matmul_own_first).
@@ -560,6 +592,7 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
       }
       if (proj) step.wait();  // without a projection, a thread's dh columns are its own: no one else reads them
     }
+    db.store(a.grad_bias + J.begin);
   }
   std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
 }
@@ -607,7 +640,7 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
 
 template <typename T>
 void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const T* out, const T* w_hh, bool relu,
-                  T* dG, T* grad_h0, int64_t H) {
+                  T* dG, T* grad_h0, T* grad_bias, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
@@ -626,6 +659,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
     const int64_t Jn = J.size(), ldq = round_up(Jn, L);
     const auto Wp = pack_columns(w_hh, H, H, J.begin, Jn, ldq, B);
     gemm::Buffer<T> Y(B * ldq);
+    BiasGrad<T> db(1, Jn, H);
     for (int64_t s = 0; s < T_; ++s) {
       const int64_t t = t_bwd(s), bs = S.bs[t], off = S.off[t];
       const int64_t t2 = s + 1 < T_ ? t_bwd(s + 1) : -1;
@@ -640,7 +674,9 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
           for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = y[jj] > T(0) ? dh[jj] : T(0);
         else
           for (int64_t jj = 0; jj < Jn; ++jj) d[jj] = dh[jj] * (T(1) - y[jj] * y[jj]);
+        db.add_row(d);
       }
+      db.end_step();
       flags.publish(tid, s + 1);  // the others read this step's dG columns when they reach them
       if (Jn > 0) {
         if (bs > 0) matmul_own_first(bs, dG + off * H, H, Wp, Y.data(), ldq, units, tid, flags, s + 1);
@@ -656,6 +692,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
         }
       }
     }
+    db.store(grad_bias + J.begin);
   }
 }
 
@@ -1113,23 +1150,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
   const auto opts = g.options();
   Tensor dG = workspace(2, {N, 4 * H}, ct);
   Tensor DH = at::empty({whr.defined() ? N : 0, P}, opts), Ht = at::empty({whr.defined() ? N : 0, H}, opts);
-  Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts);
+  Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts), grad_bias = at::empty({4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
     LstmBwd<scalar_t> a{go.data_ptr<scalar_t>(),  ghn.data_ptr<scalar_t>(), gcn.data_ptr<scalar_t>(),
                         g.data_ptr<scalar_t>(),   cs.data_ptr<scalar_t>(),  c0c.data_ptr<scalar_t>(),
                         whh.data_ptr<scalar_t>(), whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
                         dG.data_ptr<scalar_t>(),  whr.defined() ? DH.data_ptr<scalar_t>() : nullptr,
                         whr.defined() ? Ht.data_ptr<scalar_t>() : nullptr,
-                        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), H, P};
+                        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
+                        H, P};
     lstm_backward(S, a);
   });
   const Tensor hprev = previous_states(S, to_compute(output), to_compute(h0));
   Tensor grad_input = at::mm(dG, w_ih.to(ct)).to(dt);
   Tensor grad_w_ih = at::mm(dG.t(), input.to(ct)).to(dt);
   Tensor grad_w_hh = at::mm(dG.t(), hprev).to(dt);
-  Tensor grad_bias = dG.sum(0).to(dt);
   Tensor grad_w_hr = whr.defined() ? at::mm(DH.t(), Ht).to(dt) : at::empty({0, 0}, input.options());
-  return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+  return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias.to(dt), grad_w_hr};
 }
 
 int64_t check_rnn_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
@@ -1195,13 +1232,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
   const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), out = to_compute(output);
   const Tensor whh = to_compute(w_hh);
   Tensor dG = workspace(2, {N, H}, ct), grad_h0 = at::empty({B, H}, go.options());
+  Tensor grad_bias = at::empty({H}, go.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_bwd", [&] {
     rnn_backward<scalar_t>(S, go.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                           whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(), H);
+                           whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
+                           grad_bias.data_ptr<scalar_t>(), H);
   });
   const Tensor hprev = previous_states(S, out, to_compute(h0));
   return {at::mm(dG, w_ih.to(ct)).to(dt), grad_h0.to(dt), at::mm(dG.t(), input.to(ct)).to(dt),
-          at::mm(dG.t(), hprev).to(dt), dG.sum(0).to(dt)};
+          at::mm(dG.t(), hprev).to(dt), grad_bias.to(dt)};
 }
 
 }  // namespace
