@@ -201,6 +201,41 @@ def test_batch_in_lanes_is_bitwise_reproducible(kind, threads):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind, P", [("lstm", 0), ("lstm", 3), ("rnn", 0)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_reads_output_gradient_with_its_strides(kind, P, reverse, dtype):
+    """The backward ops read grad_output in place, whatever its strides: a broadcast (the gradient of a sum), a
+    transposed view, every other column, a slice of wider rows. Each gives bitwise the results of its contiguous
+    copy."""
+    seqkernels.available_backends()
+    args, bs = make_layer(kind, [7, 5, 5, 2, 1, 1], 6, 40, P, dtype)
+    args = [a.detach() if a is not None else None for a in args]
+    ops = torch.ops.seqkernels
+    N, Pout = int(bs.sum()), P or 40
+    if kind == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        out, h_n, c_n, gates, cells = ops.lstm_seq_fwd(x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, True)
+        rest = (torch.randn_like(h_n), torch.randn_like(c_n), x, bs, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, reverse)
+        backward = ops.lstm_seq_bwd
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = args
+        out, h_n = ops.rnn_seq_fwd(x, bs, h0, w_ih, w_hh, b_ih, b_hh, "tanh", reverse)
+        rest = (torch.randn_like(h_n), x, bs, h0, w_ih, w_hh, out, "tanh", reverse)
+        backward = ops.rnn_seq_bwd
+    layouts = {
+        "broadcast": torch.tensor(0.7, dtype=dtype).expand(N, Pout),
+        "transposed": torch.randn(Pout, N, dtype=dtype).t(),
+        "every other column": torch.randn(N, 2 * Pout, dtype=dtype)[:, ::2],
+        "wider rows": torch.randn(N, Pout + 3, dtype=dtype)[:, :Pout],
+    }
+    for name, grad in layouts.items():
+        strided = backward(grad, *rest)
+        contiguous = backward(grad.contiguous(), *rest)
+        for i, (a, b) in enumerate(zip(strided, contiguous)):
+            assert torch.equal(a, b), f"{name}: result {i} differs from the contiguous gradient's"
+
+
 def test_empty_batch():
     args, _ = make_layer("lstm", [1], 3, 5, 0, torch.float32)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]

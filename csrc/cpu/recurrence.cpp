@@ -456,6 +456,23 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM backward through time
 
+// The output gradient as autograd hands it over, read in place with its strides: often a broadcast (the gradient
+// of a sum has stride 0 everywhere), which a contiguous copy would write out in full (0.6 ms at batch 32).
+template <typename T>
+struct GradRows {
+  const T* data;
+  int64_t row_stride, col_stride;
+  // dst[q] = base[q] + grad[r, c0 + q] for q < n.
+  void add_to(int64_t r, int64_t c0, int64_t n, const T* base, T* dst) const {
+    const T* g = data + r * row_stride + c0 * col_stride;
+    if (col_stride == 1) {
+      for (int64_t q = 0; q < n; ++q) dst[q] = base[q] + g[q];
+    } else {
+      for (int64_t q = 0; q < n; ++q) dst[q] = base[q] + g[q * col_stride];
+    }
+  }
+};
+
 // The bias gradient of a thread's units: the column sums of its gate-gradient columns, `segments` blocks of n
 // columns at `stride` apart in each row (one per gate), summed as the backward writes them. Each step's rows are
 // summed apart and the step sums added to the total in processing order, so the order does not depend on the
@@ -486,7 +503,7 @@ class BiasGrad {
 
 template <typename T>
 struct LstmBwd {
-  const T* grad_out;  // (N, P)
+  GradRows<T> grad_out;  // (N, P)
   const T* grad_hn;   // (B, P)
   const T* grad_cn;   // (B, H)
   const T* gates;     // (N, 4H) saved activated gates
@@ -513,11 +530,11 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   gemm::Buffer<T> dhbuf = double_buffer(a.grad_hn, B * P), dcbuf(a.grad_cn, a.grad_cn + B * H);
   {
     const int64_t t0 = t_bwd(0);
-    for (int64_t b = 0; b < S.bs[t0]; ++b)
-      for (int64_t p = 0; p < P; ++p) {
-        dhbuf[b * P + p] += a.grad_out[(S.off[t0] + b) * P + p];
-        if (proj) a.DH[(S.off[t0] + b) * P + p] = dhbuf[b * P + p];
-      }
+    for (int64_t b = 0; b < S.bs[t0]; ++b) {
+      T* dh = dhbuf.data() + b * P;
+      a.grad_out.add_to(S.off[t0] + b, 0, P, dh, dh);
+      if (proj) std::copy(dh, dh + P, a.DH + (S.off[t0] + b) * P);
+    }
   }
   const int team = team_size(4, H, P, B);
   StepBarrier barrier;
@@ -581,9 +598,8 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : a.grad_hn + b * P + Q.begin;  // b >= bs: starts next
-            const T* go = a.grad_out + (off2 + b) * P + Q.begin;
             T* dst = dh_nxt + b * P + Q.begin;
-            for (int64_t q = 0; q < Qn; ++q) dst[q] = base[q] + go[q];
+            a.grad_out.add_to(off2 + b, Q.begin, Qn, base, dst);
             if (proj) std::copy(dst, dst + Qn, a.DH + (off2 + b) * P + Q.begin);
           } else {  // this was the row's first step: what reaches its initial state
             std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Qn, a.grad_h0 + b * P + Q.begin);
@@ -639,7 +655,7 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
 }
 
 template <typename T>
-void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const T* out, const T* w_hh, bool relu,
+void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh, bool relu,
                   T* dG, T* grad_h0, T* grad_bias, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
@@ -647,7 +663,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
   gemm::Buffer<T> dhbuf = double_buffer(grad_hn, B * H);
   {
     const int64_t t0 = t_bwd(0);
-    for (int64_t k = 0; k < S.bs[t0] * H; ++k) dhbuf[k] += grad_out[S.off[t0] * H + k];
+    for (int64_t b = 0; b < S.bs[t0]; ++b) grad_out.add_to(S.off[t0] + b, 0, H, dhbuf.data() + b * H, dhbuf.data() + b * H);
   }
   const int team = team_size(1, H, H, B);
   StepFlags flags(team);
@@ -683,9 +699,7 @@ void rnn_backward(const Schedule& S, const T* grad_out, const T* grad_hn, const 
         for (int64_t b = 0; b < std::max(bs, bs2); ++b) {
           if (b < bs2) {
             const T* base = b < bs ? Y.data() + b * ldq : grad_hn + b * H + J.begin;
-            const T* go = grad_out + (off2 + b) * H + J.begin;
-            T* dst = dh_nxt + b * H + J.begin;
-            for (int64_t q = 0; q < Jn; ++q) dst[q] = base[q] + go[q];
+            grad_out.add_to(off2 + b, J.begin, Jn, base, dh_nxt + b * H + J.begin);
           } else {
             std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Jn, grad_h0 + b * H + J.begin);
           }
@@ -1038,6 +1052,24 @@ Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
   return prev;
 }
 
+// grad_w_hh = dG^T @ h_prev, h_prev holding the state each row started from (previous_states). When every sequence
+// is as long as the first, all rows but one step's start from the output row one step away, so the product is
+// two GEMMs on the output and h0 as they are, without copying them into h_prev.
+Tensor weight_hh_grad(const Schedule& S, const Tensor& dG, const Tensor& out, const Tensor& h0) {
+  const int64_t B = S.B, N = S.N;
+  if (S.bs[S.T - 1] != B) return at::mm(dG.t(), previous_states(S, out, h0));
+  const int64_t from_h0 = S.reverse ? N - B : 0;  // the first processed step's rows
+  Tensor grad = at::mm(dG.narrow(0, from_h0, B).t(), h0);
+  if (N > B) grad.addmm_(dG.narrow(0, S.reverse ? 0 : B, N - B).t(), out.narrow(0, S.reverse ? B : 0, N - B));
+  return grad;
+}
+
+// A (rows, cols) gradient tensor of element type T as GradRows, with its own strides.
+template <typename T>
+GradRows<T> grad_rows(const Tensor& g) {
+  return {g.data_ptr<T>(), g.stride(0), g.stride(1)};
+}
+
 // b_ih + b_hh in the compute type, or zeros.
 Tensor bias_sum(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t rows,
                 at::ScalarType ct) {
@@ -1144,7 +1176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
     check_shape(op, name, t, {N, cols}, "(rows, 4 * hidden_size or hidden_size)");
   }
 
-  const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), gcn = to_compute(grad_cn);
+  const Tensor go = as_type(grad_output, ct), ghn = to_compute(grad_hn), gcn = to_compute(grad_cn);
   const Tensor g = gates.contiguous(), cs = cells.contiguous(), c0c = to_compute(c0);
   const Tensor whh = to_compute(w_hh), whr = w_hr.has_value() ? to_compute(*w_hr) : Tensor();
   const auto opts = g.options();
@@ -1152,7 +1184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
   Tensor DH = at::empty({whr.defined() ? N : 0, P}, opts), Ht = at::empty({whr.defined() ? N : 0, H}, opts);
   Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts), grad_bias = at::empty({4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
-    LstmBwd<scalar_t> a{go.data_ptr<scalar_t>(),  ghn.data_ptr<scalar_t>(), gcn.data_ptr<scalar_t>(),
+    LstmBwd<scalar_t> a{grad_rows<scalar_t>(go), ghn.data_ptr<scalar_t>(), gcn.data_ptr<scalar_t>(),
                         g.data_ptr<scalar_t>(),   cs.data_ptr<scalar_t>(),  c0c.data_ptr<scalar_t>(),
                         whh.data_ptr<scalar_t>(), whr.defined() ? whr.data_ptr<scalar_t>() : nullptr,
                         dG.data_ptr<scalar_t>(),  whr.defined() ? DH.data_ptr<scalar_t>() : nullptr,
@@ -1161,10 +1193,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
                         H, P};
     lstm_backward(S, a);
   });
-  const Tensor hprev = previous_states(S, to_compute(output), to_compute(h0));
   Tensor grad_input = at::mm(dG, w_ih.to(ct)).to(dt);
   Tensor grad_w_ih = at::mm(dG.t(), input.to(ct)).to(dt);
-  Tensor grad_w_hh = at::mm(dG.t(), hprev).to(dt);
+  Tensor grad_w_hh = weight_hh_grad(S, dG, to_compute(output), to_compute(h0)).to(dt);
   Tensor grad_w_hr = whr.defined() ? at::mm(DH.t(), Ht).to(dt) : at::empty({0, 0}, input.options());
   return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias.to(dt), grad_w_hr};
 }
@@ -1229,18 +1260,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
   check_arg(op, "grad_hn", grad_hn, {B, H}, "(batch, hidden_size)", "input", input);
   check_arg(op, "output", output, {N, H}, "(rows, hidden_size)", "input", input);
   const auto dt = input.scalar_type(), ct = compute_type(dt);
-  const Tensor go = to_compute(grad_output), ghn = to_compute(grad_hn), out = to_compute(output);
+  const Tensor go = as_type(grad_output, ct), ghn = to_compute(grad_hn), out = to_compute(output);
   const Tensor whh = to_compute(w_hh);
   Tensor dG = workspace(2, {N, H}, ct), grad_h0 = at::empty({B, H}, go.options());
   Tensor grad_bias = at::empty({H}, go.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_bwd", [&] {
-    rnn_backward<scalar_t>(S, go.data_ptr<scalar_t>(), ghn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    rnn_backward<scalar_t>(S, grad_rows<scalar_t>(go), ghn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                            whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
                            grad_bias.data_ptr<scalar_t>(), H);
   });
-  const Tensor hprev = previous_states(S, out, to_compute(h0));
   return {at::mm(dG, w_ih.to(ct)).to(dt), grad_h0.to(dt), at::mm(dG.t(), input.to(ct)).to(dt),
-          at::mm(dG.t(), hprev).to(dt), grad_bias.to(dt)};
+          weight_hh_grad(S, dG, out, to_compute(h0)).to(dt), grad_bias.to(dt)};
 }
 
 }  // namespace
