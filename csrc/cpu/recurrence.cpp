@@ -17,10 +17,11 @@
 // (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward
 // whose weights outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward").
 //
-// Backward: per step (in reverse processing order) the gate gradients of each thread's units, then
-// dh_{t-1} = dG_t @ W_hh split by columns. Without a projection a thread's columns of dh are its own units, so it
-// only waits for the others' gate gradients, each when it reaches them (StepFlags, as in the forward); with one,
-// two barriers per step. The input and weight gradients are GEMMs over all steps at once afterwards.
+// Backward: per step (in reverse processing order) the gate gradients of each thread's units, summed into their
+// bias gradient as they are written (BiasGrad), then dh_{t-1} = dG_t @ W_hh split by columns. Without a projection
+// a thread's columns of dh are its own units, so it only waits for the others' gate gradients, each when it
+// reaches them (StepFlags, as in the forward); with one, two barriers per step. The output gradient is read in
+// place, with its strides (GradRows). The input and weight gradients are GEMMs over all steps at once afterwards.
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
 // depend on the thread count by rounding only (the backward's BLAS GEMMs, and the recurrences without a
