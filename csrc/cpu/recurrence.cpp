@@ -493,7 +493,8 @@ class BiasGrad {
   }
   // Writes the sums into a row laid out as the gate-gradient rows.
   void store(T* row) const {
-    for (int k = 0; k < segments_; ++k) std::copy(total_.begin() + k * n_, total_.begin() + (k + 1) * n_, row + k * stride_);
+    for (int k = 0; k < segments_; ++k)
+      std::copy(total_.begin() + k * n_, total_.begin() + (k + 1) * n_, row + k * stride_);
   }
 
  private:
@@ -656,15 +657,18 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
 }
 
 template <typename T>
-void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh, bool relu,
-                  T* dG, T* grad_h0, T* grad_bias, int64_t H) {
+void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh,
+                  bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
   gemm::Buffer<T> dhbuf = double_buffer(grad_hn, B * H);
   {
     const int64_t t0 = t_bwd(0);
-    for (int64_t b = 0; b < S.bs[t0]; ++b) grad_out.add_to(S.off[t0] + b, 0, H, dhbuf.data() + b * H, dhbuf.data() + b * H);
+    for (int64_t b = 0; b < S.bs[t0]; ++b) {
+      T* dh = dhbuf.data() + b * H;
+      grad_out.add_to(S.off[t0] + b, 0, H, dh, dh);
+    }
   }
   const int team = team_size(1, H, H, B);
   StepFlags flags(team);
@@ -1008,8 +1012,9 @@ void lanes_forward(const Schedule& S, const LanesFwd& a) {
                                 4 * H);
           vec_math::transpose(Jn, B, rows_of(cT.data() + J.begin * ldb, ldb), a.cells + off * H + J.begin, H);
         }
-        if (s == S.T - 1) {
-          vec_math::transpose(Jn, B, rows_of(h_nxt + J.begin * ldb, ldb), a.h_n + J.begin, H);
+        if (s == S.T - 1) {  // final states: h_n is the output rows just written
+          for (int64_t b = 0; b < B; ++b)
+            std::copy(a.out + (off + b) * H + J.begin, a.out + (off + b) * H + J.end, a.h_n + b * H + J.begin);
           if (G == 4) vec_math::transpose(Jn, B, rows_of(cT.data() + J.begin * ldb, ldb), a.c_n + J.begin, H);
         }
       }
