@@ -236,6 +236,50 @@ def test_backward_reads_output_gradient_with_its_strides(kind, P, reverse, dtype
             assert torch.equal(a, b), f"{name}: result {i} differs from the contiguous gradient's"
 
 
+def gate_preactivations(n):
+    """n float32 gate inputs spanning the activations' whole range: a dense grid around 0, magnitudes from 1e-30
+    to 120 (where sigmoid and tanh saturate and e^x leaves float's range) in both signs, zeros and subnormals."""
+    mags = torch.logspace(-30, 2.08, n // 4, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 0.625, -0.625, 87.3, -87.4, 88.7, -88.7, 103.9, -104.5, 200.0, -200.0],
+                           dtype=torch.float64)
+    grid = torch.linspace(-24, 24, n - 2 * (n // 4) - special.numel(), dtype=torch.float64)
+    return torch.cat([grid, mags, -mags, special]).float()
+
+
+def assert_activations_accurate(name, gates, pre, H):
+    """The activated gates (rows of i, f, g, o blocks of H) against float64 sigmoid and tanh of `pre`: within
+    3 ulp where the result is a normal float, within 1e-38 below that."""
+    exact = pre.double().sigmoid()
+    exact[:, 2 * H:3 * H] = pre[:, 2 * H:3 * H].double().tanh()
+    err = (gates.double() - exact).abs()
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact.float())[1].to(torch.int32) - 24)
+    worst = (err[normal] / ulp[normal]).max().item()
+    assert worst <= 3.0, f"{name}: {worst:.2f} ulp"
+    assert err[~normal].max().item() <= 1e-38, f"{name}: {err[~normal].max().item():.3g} below float's normal range"
+
+
+# The fused float activations of each forward path: the 8-row path (40 units: a full 32-unit block and a partial
+# one in the split across threads), batch-in-lanes (weights larger than L2, 16 equal lengths) and the cell op.
+# With W_ih = identity and W_hh = 0, the gate pre-activations are the input exactly, so the saved gates are the
+# activation functions of known values.
+@pytest.mark.parametrize("path, lengths, H", [("rows", [7, 5, 5, 2, 1, 1], 40), ("lanes", [2] * 16, 512), ("cell", [1] * 3, 40)])
+def test_gate_activations_accurate_over_float_range(path, lengths, H):
+    seqkernels.available_backends()
+    bs = batch_sizes_of(lengths)
+    N, B = int(bs.sum()), len(lengths)
+    pre = gate_preactivations(N * 4 * H)[torch.randperm(N * 4 * H, generator=torch.Generator().manual_seed(0))]
+    pre = pre.view(N, 4 * H)
+    w_ih, w_hh = torch.eye(4 * H), torch.zeros(4 * H, H)
+    h0, c0 = torch.zeros(B, H), torch.zeros(B, H)
+    ops = torch.ops.seqkernels
+    if path == "cell":
+        _, _, gates = ops.lstm_cell_fwd(pre, h0, c0, w_ih, w_hh, None, None)
+    else:
+        gates = ops.lstm_seq_fwd(pre, bs, h0, c0, w_ih, w_hh, None, None, None, False, True)[3]
+    assert_activations_accurate(path, gates, pre, H)
+
+
 def test_empty_batch():
     args, _ = make_layer("lstm", [1], 3, 5, 0, torch.float32)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = [a.detach() if a is not None else None for a in args]

@@ -18,6 +18,8 @@
 #include <new>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace seqkernels {
 namespace gemm {
 
@@ -224,18 +226,26 @@ void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* 
 template <typename T>
 class PackedB {
  public:
-  // b(k, n) gives B's element; `max_rows` is the most rows (M) any call will have, which picks the block widths.
-  template <typename Elem>
-  void pack(int64_t K, int64_t Nc, int64_t max_rows, Elem b) {
-    K_ = K;
-    Nc_ = Nc;
-    widest_ = widest_block(max_rows);
-    data_.assign(K * Nc, T(0));
+  // Packs B given by its rows: row(k) points at B[k][0, cols); columns cols <= n < Nc are zeros. `max_rows` is
+  // the most rows (M) any call will have, which picks the block widths.
+  template <typename RowPtr>
+  void pack_rows(int64_t K, int64_t Nc, int64_t max_rows, int64_t cols, RowPtr row) {
+    reset(K, Nc, max_rows);
     for_each_column_block<T>(Nc, widest_, [&](int64_t n0, int nr) {
-      const int64_t w = nr * lanes<T>();
-      T* dst = data_.data() + K * n0;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < w; ++c) dst[k * w + c] = b(k, n0 + c);
+      const int64_t w = nr * lanes<T>(), n = std::min(w, cols - n0);
+      for (int64_t k = 0; k < K && n > 0; ++k) std::copy(row(k) + n0, row(k) + n0 + n, data_.data() + K * n0 + k * w);
+    });
+  }
+
+  // Packs B given transposed: row(n) points at B[0, K)[n] (column n of B, contiguous) for n < cols; columns
+  // cols <= n < Nc are zeros. Each column block is transposed straight into place (16 x 16 register blocks for
+  // float), which made packing a thread's weights several times faster than going through a transposed copy.
+  template <typename RowPtr>
+  void pack_transposed(int64_t K, int64_t Nc, int64_t max_rows, int64_t cols, RowPtr row) {
+    reset(K, Nc, max_rows);
+    for_each_column_block<T>(Nc, widest_, [&](int64_t n0, int nr) {
+      const int64_t w = nr * lanes<T>(), n = std::min(w, cols - n0);
+      if (n > 0) vec_math::transpose(n, K, [&](int64_t r) { return row(n0 + r); }, data_.data() + K * n0, w);
     });
   }
 
@@ -255,6 +265,13 @@ class PackedB {
   }
 
  private:
+  void reset(int64_t K, int64_t Nc, int64_t max_rows) {
+    K_ = K;
+    Nc_ = Nc;
+    widest_ = widest_block(max_rows);
+    data_.assign(K * Nc, T(0));
+  }
+
   int64_t K_ = 0, Nc_ = 0;
   int widest_ = kColBlock;
   Buffer<T> data_;
