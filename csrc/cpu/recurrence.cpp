@@ -11,7 +11,8 @@
 // matching rows of W_ih and W_hh once (so they stay in its cache for every step). It computes the input
 // projection of its gate columns as GEMMs over chunks of steps (128 rows, or one step if larger), each just
 // before the chunk's first step so the result is read back from L2 (InputProjection); and per step its slice of
-// h_{t-1} @ W_hh^T with a register-blocked micro-kernel, followed by the fused gate activations and state update
+// h_{t-1} @ W_hh^T with a register-blocked micro-kernel, added onto the projection in place, followed by the fused
+// gate activations and state update
 // of its own units. Without a projection each thread publishes its part of h_t through a step counter and starts
 // the next step on the part it wrote itself, waiting for the others' parts only when it reaches them
 // (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward
@@ -225,18 +226,18 @@ class StepFlags {
   std::vector<Flag> flags_;
 };
 
-// C = A @ Bp over the k-ranges of every thread, the calling thread's own first, then the others' in thread order,
+// C (+)= A @ Bp (adding to C with `accumulate`) over the k-ranges of every thread, the calling thread's own first, then the others' in thread order,
 // each once thread u has published `steps` steps (see StepFlags). Thread u's k-ranges are units[u] offset by
 // g * stride for g < segments: its hidden units in each of the `segments` gate blocks.
 template <typename T>
 void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>& Bp, T* C, int64_t ldc,
                       const std::vector<Range>& units, int tid, const StepFlags& flags, int64_t steps,
-                      int segments = 1, int64_t stride = 0) {
+                      int segments = 1, int64_t stride = 0, bool accumulate = false) {
   bool first = true;
   auto multiply = [&](const Range& r) {
     for (int g = 0; g < segments; ++g) {
       const int64_t k0 = g * stride + r.begin, k1 = g * stride + r.end;
-      if (first || k1 > k0) Bp.matmul(M, k0, k1, A + k0, lda, C, ldc, /*accumulate=*/!first);
+      if (first || k1 > k0) Bp.matmul(M, k0, k1, A + k0, lda, C, ldc, /*accumulate=*/accumulate || !first);
       first = false;
     }
   };
@@ -249,34 +250,49 @@ void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `g` points at the thread's recurrent sums for
-// the row, gate-major (gate k of local unit jj at g[k * Jn + jj]), which are turned into activated gates in place;
-// `x` at the row's input projection in the same layout; `bias` at unit j0 of b_ih + b_hh (gate k of unit j at
-// bias[k * H + j]). `tmp` holds Jn values.
+// Pointwise parts of one step for a thread's units [j0, j0 + Jn). `g` points at the thread's gate sums for the row
+// (input projection plus recurrent sums), gate-major (gate k of local unit jj at g[k * Jn + jj]); `bias` at unit j0
+// of b_ih + b_hh (gate k of unit j at bias[k * H + j]). `tmp` holds Jn values.
 
-// The activated gates are left in g only with `keep_gates` (training).
+// Where a row's results go besides the state (c, h): its output row (without a projection) and in training the
+// activated gates and cell state kept for the backward (gate k of the first unit at gates[k * H]), each null where
+// not wanted. `stream`: gates and cells are 64-byte aligned with H a multiple of 16, so whole vectors of them are
+// written with non-temporal stores (see vec_math::stream_copy).
 template <typename T>
-inline void lstm_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, int64_t H, T* __restrict__ g,
-                           int64_t Jn, T* __restrict__ c, T* __restrict__ h, T* __restrict__ tmp, bool /*keep_gates*/) {
+struct RowOut {
+  T* out;
+  T* gates;
+  T* cells;
+  bool stream;
+};
+
+template <typename T>
+inline void lstm_units_fwd(const T* __restrict__ bias, int64_t H, T* __restrict__ g, int64_t Jn, T* __restrict__ c,
+                           T* __restrict__ h, T* __restrict__ tmp, const RowOut<T>& o) {
   for (int k = 0; k < 4; ++k)
-    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += x[k * Jn + jj] + bias[k * H + jj];
+    for (int64_t jj = 0; jj < Jn; ++jj) g[k * Jn + jj] += bias[k * H + jj];
   vec_math::sigmoid(g, g, 2 * Jn);  // i, f
   vec_math::tanh(g + 2 * Jn, g + 2 * Jn, Jn);
   vec_math::sigmoid(g + 3 * Jn, g + 3 * Jn, Jn);
   for (int64_t jj = 0; jj < Jn; ++jj) c[jj] = g[Jn + jj] * c[jj] + g[jj] * g[2 * Jn + jj];
   vec_math::tanh(c, tmp, Jn);
   for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = g[3 * Jn + jj] * tmp[jj];
+  if (o.gates) {
+    for (int k = 0; k < 4; ++k) vec_math::stream_copy(g + k * Jn, o.gates + k * H, Jn);
+    vec_math::stream_copy(c, o.cells, Jn);
+  }
+  if (o.out) std::copy(h, h + Jn, o.out);
 }
 
 // float: one pass, 32 units at a time, their eight gate activations and then their two tanh(c) in lockstep
 // (vec_math::activate_lockstep), everything in registers between the loads and the stores. The pass over a step
-// went from 10.2 to 7.8 us at batch 32 and 128 units (measured alone). `n` is the number of units left from j on:
-// kFull (n >= 32) takes whole-vector loads and stores, which keep the loop in registers; the tail takes partial
-// ones.
+// went from 10.2 to 7.8 us at batch 32 and 128 units (measured alone), and the saves and output go straight from
+// the registers. `n` is the number of units left from j on: kFull (n >= 32) takes whole-vector loads and stores,
+// which keep the loop in registers; the tail takes partial ones.
 template <bool kFull>
-inline void lstm_units32_fwd(const float* __restrict__ x, const float* __restrict__ bias, int64_t H,
-                             float* __restrict__ g, int64_t Jn, int64_t j, int64_t n, float* __restrict__ c,
-                             float* __restrict__ h, bool keep_gates) {
+inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const float* __restrict__ g, int64_t Jn,
+                             int64_t j, int64_t n, float* __restrict__ c, float* __restrict__ h,
+                             const RowOut<float>& o) {
   using vec_math::vfloat16;
   const int64_t lanes[2] = {n, n - 16};  // elements from each vector's first unit on (<= 0: none)
   auto load = [&](const float* p, int u) {
@@ -290,29 +306,40 @@ inline void lstm_units32_fwd(const float* __restrict__ x, const float* __restric
   auto store = [&](float* p, const vfloat16& v, int u) {
     std::memcpy(p, &v, (kFull ? 16 : std::min<int64_t>(16, lanes[u])) * sizeof(float));
   };
+  auto save = [&](float* p, const vfloat16& v, int u) {
+    if (kFull && o.stream)
+      vec_math::stream16(p, v);
+    else
+      store(p, v, u);
+  };
   vfloat16 v[8] = {}, cs[2] = {};
   for (int u = 0; u < 2 && lanes[u] > 0; ++u)
     for (int k = 0; k < 4; ++k) {
       const int64_t at = k * Jn + j + 16 * u;
-      v[4 * u + k] = load(g + at, u) + (load(x + at, u) + load(bias + k * H + j + 16 * u, u));
+      v[4 * u + k] = load(g + at, u) + load(bias + k * H + j + 16 * u, u);
     }
   vec_math::activate_lockstep<8, 0b01000100>(v);  // i, f, g, o twice
   for (int u = 0; u < 2 && lanes[u] > 0; ++u) {
-    if (keep_gates)
-      for (int k = 0; k < 4; ++k) store(g + k * Jn + j + 16 * u, v[4 * u + k], u);
     cs[u] = v[4 * u + 1] * load(c + j + 16 * u, u) + v[4 * u] * v[4 * u + 2];
     store(c + j + 16 * u, cs[u], u);
+    if (o.gates) {
+      for (int k = 0; k < 4; ++k) save(o.gates + k * H + j + 16 * u, v[4 * u + k], u);
+      save(o.cells + j + 16 * u, cs[u], u);
+    }
   }
   vec_math::activate_lockstep<2, 0b11>(cs);
-  for (int u = 0; u < 2 && lanes[u] > 0; ++u) store(h + j + 16 * u, v[4 * u + 3] * cs[u], u);
+  for (int u = 0; u < 2 && lanes[u] > 0; ++u) {
+    const vfloat16 hv = v[4 * u + 3] * cs[u];
+    store(h + j + 16 * u, hv, u);
+    if (o.out) store(o.out + j + 16 * u, hv, u);
+  }
 }
 
-inline void lstm_units_fwd(const float* __restrict__ x, const float* __restrict__ bias, int64_t H,
-                           float* __restrict__ g, int64_t Jn, float* __restrict__ c, float* __restrict__ h,
-                           float* /*tmp*/, bool keep_gates) {
+inline void lstm_units_fwd(const float* __restrict__ bias, int64_t H, float* __restrict__ g, int64_t Jn,
+                           float* __restrict__ c, float* __restrict__ h, float* /*tmp*/, const RowOut<float>& o) {
   int64_t j = 0;
-  for (; j + 32 <= Jn; j += 32) lstm_units32_fwd<true>(x, bias, H, g, Jn, j, 32, c, h, keep_gates);
-  if (j < Jn) lstm_units32_fwd<false>(x, bias, H, g, Jn, j, Jn - j, c, h, keep_gates);
+  for (; j + 32 <= Jn; j += 32) lstm_units32_fwd<true>(bias, H, g, Jn, j, 32, c, h, o);
+  if (j < Jn) lstm_units32_fwd<false>(bias, H, g, Jn, j, Jn - j, c, h, o);
 }
 
 template <typename T, bool kProj>
@@ -333,9 +360,8 @@ inline void lstm_units_bwd(const T* __restrict__ gates, int64_t H, const T* __re
 }
 
 template <typename T>
-inline void rnn_units_fwd(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ g, int64_t Jn,
-                          bool relu, T* __restrict__ h) {
-  for (int64_t jj = 0; jj < Jn; ++jj) g[jj] += x[jj] + bias[jj];
+inline void rnn_units_fwd(const T* __restrict__ bias, T* __restrict__ g, int64_t Jn, bool relu, T* __restrict__ h) {
+  for (int64_t jj = 0; jj < Jn; ++jj) g[jj] += bias[jj];
   if (relu) {
     for (int64_t jj = 0; jj < Jn; ++jj) h[jj] = g[jj] > T(0) ? g[jj] : T(0);
   } else {
@@ -368,7 +394,8 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 // buffer that stays in the thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256),
 // the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
 // and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk
-// is at rows(r), its gate columns in the layout of the thread's recurrent sums.
+// is at rows(r), its gate columns in the layout of the thread's recurrent sums, which each step adds in place (so
+// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two).
 template <typename T>
 class InputProjection {
  public:
@@ -395,7 +422,7 @@ class InputProjection {
     next_ = s1;
   }
 
-  const T* rows(int64_t r) const { return buf_.data() + (r - r0_) * ldg_; }
+  T* rows(int64_t r) { return buf_.data() + (r - r0_) * ldg_; }
 
  private:
   const Schedule& S_;
@@ -433,6 +460,8 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   const bool proj = a.w_hr != nullptr;
   gemm::Buffer<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
   const int team = team_size(4, H, P, B);
+  auto aligned = [](const T* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+  const bool stream = a.gates && aligned(a.gates) && aligned(a.cells) && H % (64 / sizeof(T)) == 0;
   StepBarrier barrier;
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
@@ -442,7 +471,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     const std::vector<Range> units = unit_ranges(H, nt, L);  // without a projection, also its columns of h
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
-    gemm::Buffer<T> G(B * ldg), tmp(Jn);
+    gemm::Buffer<T> tmp(Jn);
     auto gate_row = [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; };  // local column r: gate r / Jn
     const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, gate_row, P, ldg, B);
     InputProjection<T> xproj(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg);
@@ -459,21 +488,20 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
+        T* G = xproj.rows(off);  // the step's gate sums: the recurrent sums added to the input projection
         if (proj)
-          Wp.matmul(bs, 0, P, h_cur, P, G.data(), ldg);
+          Wp.matmul(bs, 0, P, h_cur, P, G, ldg, /*accumulate=*/true);
         else
-          matmul_own_first(bs, h_cur, P, Wp, G.data(), ldg, units, tid, flags, /*steps=*/s);
+          matmul_own_first(bs, h_cur, P, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
           T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
           T* c = cbuf.data() + b * H + J.begin;
-          T* g = G.data() + b * ldg;
-          lstm_units_fwd(xproj.rows(row), a.bias + J.begin, H, g, Jn, c, h, tmp.data(), a.gates != nullptr);
-          if (a.gates) {  // training: keep the activated gates and the cell state for the backward
-            for (int k = 0; k < 4; ++k) vec_math::stream_copy(g + k * Jn, a.gates + row * 4 * H + k * H + J.begin, Jn);
-            vec_math::stream_copy(c, a.cells + row * H + J.begin, Jn);
-          }
-          if (!proj) std::copy(h, h + Jn, a.out + row * P + J.begin);
+          T* g = G + b * ldg;
+          const RowOut<T> o{proj ? nullptr : a.out + row * P + J.begin,
+                            a.gates ? a.gates + row * 4 * H + J.begin : nullptr,
+                            a.gates ? a.cells + row * H + J.begin : nullptr, stream};
+          lstm_units_fwd(a.bias + J.begin, H, g, Jn, c, h, tmp.data(), o);
         }
       }
       if (proj) {
@@ -677,7 +705,6 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
     const std::vector<Range> units = unit_ranges(H, nt, L);
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
-    gemm::Buffer<T> G(B * ldg);
     auto unit_row = [&](int64_t r) { return J.begin + r; };
     const auto Wp = pack_transposed(w_hh, H, Jn, unit_row, H, ldg, B);
     InputProjection<T> xproj(S, x, w_ih, I, Jn, unit_row, ldg);
@@ -687,10 +714,11 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
       T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
-        matmul_own_first(bs, h_cur, H, Wp, G.data(), ldg, units, tid, flags, /*steps=*/s);
+        T* G = xproj.rows(off);  // the step's sums: the recurrent sums added to the input projection
+        matmul_own_first(bs, h_cur, H, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
         for (int64_t b = 0; b < bs; ++b) {
           T* h = h_nxt + b * H + J.begin;
-          rnn_units_fwd(xproj.rows(off + b), bias + J.begin, G.data() + b * ldg, Jn, relu, h);
+          rnn_units_fwd(bias + J.begin, G + b * ldg, Jn, relu, h);
           std::copy(h, h + Jn, out + (off + b) * H + J.begin);
         }
       }

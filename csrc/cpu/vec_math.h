@@ -258,6 +258,15 @@ inline void stream_copy(const T* src, T* dst, int64_t n) {
   std::memcpy(dst, src, n * sizeof(T));
 }
 
+// One vector stored non-temporally at p (64-byte aligned), as stream_copy does; a plain store without AVX-512.
+inline void stream16(float* p, const vfloat16& v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
+
 inline void stream_fence() {
 #if defined(__AVX512F__)
   _mm_sfence();
