@@ -207,8 +207,9 @@ int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
 // Per-thread step counters for the recurrences without a projection, where thread u computes (and publishes)
 // the columns J_u of h. At step s a thread first multiplies the part of h_{t-1} it wrote itself, then, for each
 // other thread u, waits until u has published step s - 1 and multiplies u's part: the wait overlaps with the
-// thread's own share of the matmul instead of a barrier stalling every step. A thread writes h_t only after it
-// has seen every other thread publish step s - 1, so nobody still reads the buffer half it overwrites.
+// thread's own share of the matmul instead of a barrier stalling every step. Each step's values go to rows of
+// their own (the output rows in the forward, see previous_outputs; the gate-gradient rows in the backward), so
+// nothing another thread may still read is overwritten.
 class StepFlags {
  public:
   explicit StepFlags(int team) : flags_(team) {}
@@ -254,13 +255,12 @@ void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>
 // (input projection plus recurrent sums), gate-major (gate k of local unit jj at g[k * Jn + jj]); `bias` at unit j0
 // of b_ih + b_hh (gate k of unit j at bias[k * H + j]). `tmp` holds Jn values.
 
-// Where a row's results go besides the state (c, h): its output row (without a projection) and in training the
-// activated gates and cell state kept for the backward (gate k of the first unit at gates[k * H]), each null where
-// not wanted. `stream`: gates and cells are 64-byte aligned with H a multiple of 16, so whole vectors of them are
-// written with non-temporal stores (see vec_math::stream_copy).
+// Where a row's training saves go besides the state (c, h): the activated gates and cell state kept for the
+// backward (gate k of the first unit at gates[k * H]), both null when not training. `stream`: they are 64-byte
+// aligned with H a multiple of 16, so whole vectors of them are written with non-temporal stores (see
+// vec_math::stream_copy).
 template <typename T>
 struct RowOut {
-  T* out;
   T* gates;
   T* cells;
   bool stream;
@@ -281,13 +281,12 @@ inline void lstm_units_fwd(const T* __restrict__ bias, int64_t H, T* __restrict_
     for (int k = 0; k < 4; ++k) vec_math::stream_copy(g + k * Jn, o.gates + k * H, Jn);
     vec_math::stream_copy(c, o.cells, Jn);
   }
-  if (o.out) std::copy(h, h + Jn, o.out);
 }
 
 // float: one pass, 32 units at a time, their eight gate activations and then their two tanh(c) in lockstep
 // (vec_math::activate_lockstep), everything in registers between the loads and the stores. The pass over a step
-// went from 10.2 to 7.8 us at batch 32 and 128 units (measured alone), and the saves and output go straight from
-// the registers. `n` is the number of units left from j on: kFull (n >= 32) takes whole-vector loads and stores,
+// went from 10.2 to 7.8 us at batch 32 and 128 units (measured alone), and the saves go straight from the
+// registers. `n` is the number of units left from j on: kFull (n >= 32) takes whole-vector loads and stores,
 // which keep the loop in registers; the tail takes partial ones.
 template <bool kFull>
 inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const float* __restrict__ g, int64_t Jn,
@@ -328,11 +327,7 @@ inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const fl
     }
   }
   vec_math::activate_lockstep<2, 0b11>(cs);
-  for (int u = 0; u < 2 && lanes[u] > 0; ++u) {
-    const vfloat16 hv = v[4 * u + 3] * cs[u];
-    store(h + j + 16 * u, hv, u);
-    if (o.out) store(o.out + j + 16 * u, hv, u);
-  }
+  for (int u = 0; u < 2 && lanes[u] > 0; ++u) store(h + j + 16 * u, v[4 * u + 3] * cs[u], u);
 }
 
 inline void lstm_units_fwd(const float* __restrict__ bias, int64_t H, float* __restrict__ g, int64_t Jn,
@@ -433,6 +428,30 @@ class InputProjection {
   int64_t next_ = 0, r0_ = 0;  // the first step after the current chunk, the chunk's first row
 };
 
+// h_{t-1} of the s-th step's rows (bs rows, P apart), as the A of the recurrent matmul of a forward without a
+// projection. There a row's h_t is its output row: written once, by its step, and only read after that (by the next
+// step), so no thread waits before writing its part and no line that another core has read is written again (as
+// it was in a double buffer). Where the step has rows its predecessor did not (a reverse pass over sequences of
+// different lengths, where they begin), the rows are gathered with h0 into `scratch`, after ready() (every thread
+// has published the previous step).
+template <typename T, typename Ready>
+const T* previous_outputs(const Schedule& S, int64_t s, const T* out, const T* h0, int64_t P, gemm::Buffer<T>& scratch,
+                          Ready ready) {
+  if (s == 0) return h0;
+  const int64_t t = S.t_of(s), tp = S.t_of(s - 1), bs = S.bs[t], kept = std::min(bs, S.bs[tp]);
+  if (kept == bs) return out + S.off[tp] * P;
+  ready();
+  scratch.resize(bs * P);
+  std::copy(out + S.off[tp] * P, out + (S.off[tp] + kept) * P, scratch.begin());
+  std::copy(h0 + kept * P, h0 + bs * P, scratch.begin() + kept * P);
+  return scratch.data();
+}
+
+// Waits until every thread has published `steps` steps.
+inline void wait_all(const StepFlags& flags, int team, int64_t steps) {
+  for (int u = 0; u < team; ++u) flags.wait(u, steps);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM forward
 
@@ -458,7 +477,8 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t H = a.H, P = a.P, B = S.B;
   const bool proj = a.w_hr != nullptr;
-  gemm::Buffer<T> hbuf = double_buffer(a.h0, B * P), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
+  // h state: with a projection a double buffer, without one the output rows (previous_outputs)
+  gemm::Buffer<T> hbuf = double_buffer(a.h0, proj ? B * P : 0), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
   const int team = team_size(4, H, P, B);
   auto aligned = [](const T* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
   const bool stream = a.gates && aligned(a.gates) && aligned(a.cells) && H % (64 / sizeof(T)) == 0;
@@ -471,7 +491,7 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     const std::vector<Range> units = unit_ranges(H, nt, L);  // without a projection, also its columns of h
     const Range J = units[tid];
     const int64_t Jn = J.size(), ldg = round_up(4 * Jn, L);
-    gemm::Buffer<T> tmp(Jn);
+    gemm::Buffer<T> tmp(Jn), scratch;
     auto gate_row = [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; };  // local column r: gate r / Jn
     const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, gate_row, P, ldg, B);
     InputProjection<T> xproj(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg);
@@ -489,17 +509,18 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
         T* G = xproj.rows(off);  // the step's gate sums: the recurrent sums added to the input projection
-        if (proj)
+        if (proj) {
           Wp.matmul(bs, 0, P, h_cur, P, G, ldg, /*accumulate=*/true);
-        else
-          matmul_own_first(bs, h_cur, P, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
+        } else {
+          const T* h_prev = previous_outputs(S, s, a.out, a.h0, P, scratch, [&] { wait_all(flags, nt, s); });
+          matmul_own_first(bs, h_prev, P, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
+        }
         for (int64_t b = 0; b < bs; ++b) {
           const int64_t row = off + b;
-          T* h = proj ? htilde.data() + b * H + J.begin : h_nxt + b * P + J.begin;
+          T* h = proj ? htilde.data() + b * H + J.begin : a.out + row * P + J.begin;
           T* c = cbuf.data() + b * H + J.begin;
           T* g = G + b * ldg;
-          const RowOut<T> o{proj ? nullptr : a.out + row * P + J.begin,
-                            a.gates ? a.gates + row * 4 * H + J.begin : nullptr,
+          const RowOut<T> o{a.gates ? a.gates + row * 4 * H + J.begin : nullptr,
                             a.gates ? a.cells + row * H + J.begin : nullptr, stream};
           lstm_units_fwd(a.bias + J.begin, H, g, Jn, c, h, tmp.data(), o);
         }
@@ -515,7 +536,8 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
         }
       }
       for (int64_t b = done; b < bs; ++b) {  // rows whose last step this was: final states
-        std::copy(h_nxt + b * P + own.begin, h_nxt + b * P + own.end, a.h_n + b * P + own.begin);
+        const T* h = proj ? h_nxt + b * P : a.out + (off + b) * P;
+        std::copy(h + own.begin, h + own.end, a.h_n + b * P + own.begin);
         std::copy(cbuf.data() + b * H + J.begin, cbuf.data() + b * H + J.end, a.c_n + b * H + J.begin);
       }
       if (proj)
@@ -696,7 +718,6 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
                  bool relu, T* out, T* h_n, int64_t H) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
-  gemm::Buffer<T> hbuf = double_buffer(h0, B * H);
   const int team = team_size(1, H, H, B);
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
@@ -708,22 +729,18 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
     auto unit_row = [&](int64_t r) { return J.begin + r; };
     const auto Wp = pack_transposed(w_hh, H, Jn, unit_row, H, ldg, B);
     InputProjection<T> xproj(S, x, w_ih, I, Jn, unit_row, ldg);
+    gemm::Buffer<T> scratch;
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
-      const T* h_cur = hbuf.data() + (s & 1) * B * H;
-      T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * H;
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
         T* G = xproj.rows(off);  // the step's sums: the recurrent sums added to the input projection
-        matmul_own_first(bs, h_cur, H, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
-        for (int64_t b = 0; b < bs; ++b) {
-          T* h = h_nxt + b * H + J.begin;
-          rnn_units_fwd(bias + J.begin, G + b * ldg, Jn, relu, h);
-          std::copy(h, h + Jn, out + (off + b) * H + J.begin);
-        }
+        const T* h_prev = previous_outputs(S, s, out, h0, H, scratch, [&] { wait_all(flags, nt, s); });
+        matmul_own_first(bs, h_prev, H, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
+        for (int64_t b = 0; b < bs; ++b) rnn_units_fwd(bias + J.begin, G + b * ldg, Jn, relu, out + (off + b) * H + J.begin);
       }
       for (int64_t b = done; b < bs; ++b)
-        std::copy(h_nxt + b * H + J.begin, h_nxt + b * H + J.end, h_n + b * H + J.begin);
+        std::copy(out + (off + b) * H + J.begin, out + (off + b) * H + J.end, h_n + b * H + J.begin);
       flags.publish(tid, s + 1);
     }
   }
