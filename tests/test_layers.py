@@ -240,8 +240,8 @@ def gate_preactivations(n):
     """n float32 gate inputs spanning the activations' whole range: a dense grid around 0, magnitudes from 1e-30
     to 120 (where sigmoid and tanh saturate and e^x leaves float's range) in both signs, zeros and subnormals."""
     mags = torch.logspace(-30, 2.08, n // 4, dtype=torch.float64)
-    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 0.625, -0.625, 87.3, -87.4, 88.7, -88.7, 103.9, -104.5, 200.0, -200.0],
-                           dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 0.625, -0.625, 87.3, -87.4, 88.7, -88.7, 103.9, -104.5, 200.0,
+                            -200.0], dtype=torch.float64)
     grid = torch.linspace(-24, 24, n - 2 * (n // 4) - special.numel(), dtype=torch.float64)
     return torch.cat([grid, mags, -mags, special]).float()
 
@@ -263,7 +263,8 @@ def assert_activations_accurate(name, gates, pre, H):
 # one in the split across threads), batch-in-lanes (weights larger than L2, 16 equal lengths) and the cell op.
 # With W_ih = identity and W_hh = 0, the gate pre-activations are the input exactly, so the saved gates are the
 # activation functions of known values.
-@pytest.mark.parametrize("path, lengths, H", [("rows", [7, 5, 5, 2, 1, 1], 40), ("lanes", [2] * 16, 512), ("cell", [1] * 3, 40)])
+@pytest.mark.parametrize("path, lengths, H",
+                         [("rows", [7, 5, 5, 2, 1, 1], 40), ("lanes", [2] * 16, 512), ("cell", [1] * 3, 40)])
 def test_gate_activations_accurate_over_float_range(path, lengths, H):
     seqkernels.available_backends()
     bs = batch_sizes_of(lengths)

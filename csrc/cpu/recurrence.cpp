@@ -12,11 +12,11 @@
 // projection of its gate columns as GEMMs over chunks of steps (128 rows, or one step if larger), each just
 // before the chunk's first step so the result is read back from L2 (InputProjection); and per step its slice of
 // h_{t-1} @ W_hh^T with a register-blocked micro-kernel, added onto the projection in place, followed by the fused
-// gate activations and state update
-// of its own units. Without a projection each thread publishes its part of h_t through a step counter and starts
-// the next step on the part it wrote itself, waiting for the others' parts only when it reaches them
-// (StepFlags); with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward
-// whose weights outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward").
+// gate activations and state update of its own units. Without a projection each thread publishes its part of h_t
+// (written straight into the step's output rows, which the next step reads) through a step counter and starts
+// the next step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags);
+// with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward whose weights
+// outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward").
 //
 // Backward: per step (in reverse processing order) the gate gradients of each thread's units, summed into their
 // bias gradient as they are written (BiasGrad), then dh_{t-1} = dG_t @ W_hh split by columns. Without a projection
@@ -227,9 +227,10 @@ class StepFlags {
   std::vector<Flag> flags_;
 };
 
-// C (+)= A @ Bp (adding to C with `accumulate`) over the k-ranges of every thread, the calling thread's own first, then the others' in thread order,
-// each once thread u has published `steps` steps (see StepFlags). Thread u's k-ranges are units[u] offset by
-// g * stride for g < segments: its hidden units in each of the `segments` gate blocks.
+// C (+)= A @ Bp (adding to C with `accumulate`) over the k-ranges of every thread, the calling thread's own
+// first, then the others' in thread order, each once thread u has published `steps` steps (see StepFlags).
+// Thread u's k-ranges are units[u] offset by g * stride for g < segments: its hidden units in each of the
+// `segments` gate blocks.
 template <typename T>
 void matmul_own_first(int64_t M, const T* A, int64_t lda, const gemm::PackedB<T>& Bp, T* C, int64_t ldc,
                       const std::vector<Range>& units, int tid, const StepFlags& flags, int64_t steps,
@@ -285,7 +286,7 @@ inline void lstm_units_fwd(const T* __restrict__ bias, int64_t H, T* __restrict_
 
 // float: one pass, 32 units at a time, their eight gate activations and then their two tanh(c) in lockstep
 // (vec_math::activate_lockstep), everything in registers between the loads and the stores. The pass over a step
-// went from 10.2 to 7.8 us at batch 32 and 128 units (measured alone), and the saves go straight from the
+// went from 10.2 to 7.4 us at batch 32 and 128 units (measured alone), and the saves go straight from the
 // registers. `n` is the number of units left from j on: kFull (n >= 32) takes whole-vector loads and stores,
 // which keep the loop in registers; the tail takes partial ones.
 template <bool kFull>
@@ -737,7 +738,8 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
         T* G = xproj.rows(off);  // the step's sums: the recurrent sums added to the input projection
         const T* h_prev = previous_outputs(S, s, out, h0, H, scratch, [&] { wait_all(flags, nt, s); });
         matmul_own_first(bs, h_prev, H, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
-        for (int64_t b = 0; b < bs; ++b) rnn_units_fwd(bias + J.begin, G + b * ldg, Jn, relu, out + (off + b) * H + J.begin);
+        for (int64_t b = 0; b < bs; ++b)
+          rnn_units_fwd(bias + J.begin, G + b * ldg, Jn, relu, out + (off + b) * H + J.begin);
       }
       for (int64_t b = done; b < bs; ++b)
         std::copy(out + (off + b) * H + J.begin, out + (off + b) * H + J.end, h_n + b * H + J.begin);

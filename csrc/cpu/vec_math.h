@@ -81,7 +81,8 @@ __attribute__((always_inline)) inline void exp_lockstep(vfloat16 (&x)[N]) {
 #pragma GCC unroll 8
   for (int q = 0; q < N; ++q) {
     const vint16 bits = (__builtin_convertvector(n[q], vint16) + 127) << 23;
-    x[q] = underflow[q] ? vfloat16{} : p[q] * (vfloat16)bits;  // a cast between same-size vector types reinterprets the bits
+    // (a cast between same-size vector types reinterprets the bits)
+    x[q] = underflow[q] ? vfloat16{} : p[q] * (vfloat16)bits;
   }
 #endif
 }
