@@ -260,11 +260,12 @@ def assert_activations_accurate(name, gates, pre, H):
 
 
 # The fused float activations of each forward path: the 8-row path (40 units: a full 32-unit block and a partial
-# one in the split across threads), batch-in-lanes (weights larger than L2, 16 equal lengths) and the cell op.
+# one in the split across threads), batch-in-lanes (weights larger than L2, 16 equal lengths) and the cell op
+# (hidden size 40: the activations over arrays; 48, a multiple of 16: the small-batch step's register blocks).
 # With W_ih = identity and W_hh = 0, the gate pre-activations are the input exactly, so the saved gates are the
 # activation functions of known values.
-@pytest.mark.parametrize("path, lengths, H",
-                         [("rows", [7, 5, 5, 2, 1, 1], 40), ("lanes", [2] * 16, 512), ("cell", [1] * 3, 40)])
+@pytest.mark.parametrize("path, lengths, H", [("rows", [7, 5, 5, 2, 1, 1], 40), ("lanes", [2] * 16, 512),
+                                              ("cell", [1] * 3, 40), ("cell", [1] * 3, 48)])
 def test_gate_activations_accurate_over_float_range(path, lengths, H):
     seqkernels.available_backends()
     bs = batch_sizes_of(lengths)

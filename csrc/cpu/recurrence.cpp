@@ -505,8 +505,9 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
 
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
-      const T* h_cur = hbuf.data() + (s & 1) * B * P;
-      T* h_nxt = hbuf.data() + ((s + 1) & 1) * B * P;
+      // the double buffer's halves (with a projection only: without one, hbuf is empty)
+      const T* h_cur = proj ? hbuf.data() + (s & 1) * B * P : nullptr;
+      T* h_nxt = proj ? hbuf.data() + ((s + 1) & 1) * B * P : nullptr;
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
         T* G = xproj.rows(off);  // the step's gate sums: the recurrent sums added to the input projection
