@@ -23,6 +23,11 @@
 // a thread's columns of dh are its own units, so it only waits for the others' gate gradients, each when it
 // reaches them (StepFlags, as in the forward); with one, two barriers per step. The output gradient is read in
 // place, with its strides (GradRows). The input and weight gradients are GEMMs over all steps at once afterwards.
+// Where the time goes at batch 32, hidden size 256, 128 steps (a thread, rdtsc): the pointwise part 2.5 ms, which
+// looks bound by memory traffic (a step reads about 100 KB of saved gates and cells and writes 64 KB of dG a
+// thread): it stayed at 2.5 ms with a one-pass register version, with the next step's rows prefetched, and with dG
+// streamed out non-temporally. The dh matmul takes 7.5 ms and the BLAS GEMMs 22.5 ms; GEMMs of our own with both
+// operands packed, and the BLAS's calls run side by side one thread each, were no faster in the layer.
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
 // depend on the thread count by rounding only (the backward's BLAS GEMMs, and the recurrences without a
