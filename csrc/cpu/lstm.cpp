@@ -218,7 +218,7 @@ void small_batch_lstm_step(const float* x, int64_t I, const float* h, const floa
           g[k] = rows16_matvec(x + b * I, I, h + b * H, H, w_ih + r0 * I, w_hh + r0 * H) +
                  (load16(b_ih + r0, 16) + load16(b_hh + r0, 16));
         }
-        vec_math::activate_lockstep<4, 0b0100>(g);  // i, f, g, o
+        vec_math::activate_lockstep<4, vec_math::lstm_gates(1)>(g);
         const vfloat16 c_new = g[1] * load16(c + b * H + u * 16, 16) + g[0] * g[2];
         const vfloat16 h_new = g[3] * vec_math::tanh16(c_new);
         for (int k = 0; k < 4; ++k) std::memcpy(gates + b * 4 * H + k * H + u * 16, &g[k], sizeof g[k]);

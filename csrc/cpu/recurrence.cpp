@@ -323,7 +323,7 @@ inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const fl
       const int64_t at = k * Jn + j + 16 * u;
       v[4 * u + k] = load(g + at, u) + load(bias + k * H + j + 16 * u, u);
     }
-  vec_math::activate_lockstep<8, 0b01000100>(v);  // i, f, g, o twice
+  vec_math::activate_lockstep<8, vec_math::lstm_gates(2)>(v);
   for (int u = 0; u < 2 && lanes[u] > 0; ++u) {
     cs[u] = v[4 * u + 1] * load(c + j + 16 * u, u) + v[4 * u] * v[4 * u + 2];
     store(c + j + 16 * u, cs[u], u);
@@ -960,7 +960,7 @@ inline void lane_tile(const float* w, const float* hT, int64_t ldh, int64_t k0, 
         vfloat16 v[4 * NR];
 #pragma GCC unroll 8
         for (int q = 0; q < 4 * NR; ++q) v[q] = acc[4 * u + q % 4][q / 4];
-        vec_math::activate_lockstep<4 * NR, NR == 2 ? 0b01000100u : 0b0100u>(v);  // i, f, g, o per vector
+        vec_math::activate_lockstep<4 * NR, vec_math::lstm_gates(NR)>(v);  // i, f, g, o per vector
 #pragma GCC unroll 8
         for (int q = 0; q < 4 * NR; ++q) acc[4 * u + q % 4][q / 4] = v[q];
       }
