@@ -126,6 +126,11 @@ __attribute__((always_inline)) inline vfloat16 abs16(vfloat16 x) {
   return (vfloat16)((vint16)x & 0x7fffffff);
 }
 
+// activate_lockstep's kTanh for `groups` sets of LSTM gates i, f, g, o side by side: tanh for each g.
+constexpr uint32_t lstm_gates(int groups) {
+  return groups == 0 ? 0u : lstm_gates(groups - 1) << 4 | 0b0100u;
+}
+
 // Sigmoid or tanh of N vectors in lockstep, in place: vector q gets tanh when bit q of kTanh is set, sigmoid
 // otherwise (the LSTM's gates i, f, g, o are kTanh = lstm_gates(1)). Accuracy against float64 over every float input
 // (measured exhaustively with AVX-512): sigmoid within 2.5 ulp, tanh within 1.4 ulp, for results in float's normal
@@ -133,11 +138,6 @@ __attribute__((always_inline)) inline vfloat16 abs16(vfloat16 x) {
 //   sigmoid(x) = 1 / (1 + e^-x).
 //   tanh(x): for |x| < 0.625, x * P(x^2), P fitted (least squares, relative) on [0, 0.625^2]; above, where nothing
 //   cancels, sign(x) (1 - 2 e / (1 + e)) with e = e^-2|x| (at most 0.29).
-// activate_lockstep's kTanh for `groups` sets of LSTM gates i, f, g, o side by side: tanh for each g.
-constexpr uint32_t lstm_gates(int groups) {
-  return groups == 0 ? 0u : lstm_gates(groups - 1) << 4 | 0b0100u;
-}
-
 template <int N, uint32_t kTanh>
 __attribute__((always_inline)) inline void activate_lockstep(vfloat16 (&v)[N]) {
   vfloat16 e[N], d[N], r[N];
