@@ -288,15 +288,8 @@ def lstm_cell(
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(f"lstm_cell: expected hx to be a tuple (h, c) of two tensors, got {type(hx).__name__}")
     h, c = hx
-    # The step loop's case, decided in this frame (the calls of the general route cost 2% of a batch-1 loop): a
-    # plain CPU call (_plain_cpu_call, once it has answered), nothing for autograd to record, no torch.compile.
-    direct = (_cpu_ready and not backends._forced and backends._env_backend is None and isinstance(input, Tensor)
-              and input.is_cpu and input.dtype in _CPU_DTYPES and input.layout == torch.strided and not _compiling()
-              and not (torch.is_grad_enabled() and _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)))
-    if direct or _plain_cpu_call(input):
+    if _plain_cpu_call(input):
         try:
-            if direct:
-                return cpu.lstm_cell_step(input, h, c, w_ih, w_hh, b_ih, b_hh)
             return _lstm_cell_cpu(input, h, c, w_ih, w_hh, b_ih, b_hh)
         except (RuntimeError, TypeError):
             # The C++ op rejected an argument: report it as every backend does, naming the argument.
@@ -322,13 +315,8 @@ def rnn_cell(
     """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"rnn_cell: expected nonlinearity 'tanh' or 'relu', got {nonlinearity!r}")
-    direct = (_cpu_ready and not backends._forced and backends._env_backend is None and isinstance(input, Tensor)
-              and input.is_cpu and input.dtype in _CPU_DTYPES and input.layout == torch.strided and not _compiling()
-              and not (torch.is_grad_enabled() and _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)))  # see lstm_cell
-    if direct or _plain_cpu_call(input):
+    if _plain_cpu_call(input):
         try:
-            if direct:
-                return cpu.rnn_cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
             return _rnn_cell_cpu(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
         except (RuntimeError, TypeError):
             check_cell_args("rnn_cell", input, (("hx", hx),), w_ih, w_hh, b_ih, b_hh, gates=1)
