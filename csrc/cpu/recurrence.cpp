@@ -439,7 +439,7 @@ class InputProjection {
   const T* x_;
   int64_t I_, ldg_, cap_;
   gemm::PackedB<T> w_;
-  gemm::Buffer<T> buf_;
+  gemm::UninitBuffer<T> buf_;  // each chunk's matmul writes its rows in full
   int64_t next_ = 0, r0_ = 0;  // the first step after the current chunk, the chunk's first row
 };
 
