@@ -7,7 +7,7 @@ converts an existing module with its weights.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,12 @@ def _check_state(name: str, arg: str, state: Tensor, input: Tensor) -> None:
         raise ValueError(f"{name}: expected {arg} on the device of input ({input.device}), got {state.device}")
 
 
+def _stack(states: List[Tensor]) -> Tensor:
+    """The final states of every layer and direction as one (layers * directions, ...) tensor; a single one as a
+    view of the layer op's own fresh output, sparing torch.stack's copy."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
 def _recurrent_forward(module, input, hx, is_lstm: bool):
     """torch.nn.LSTM / RNN forward semantics, one dispatched layer op per layer and direction."""
     name = type(module).__name__
@@ -84,7 +90,8 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
         rows = x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # time-major rows: the packed layout, equal lengths
     B = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
 
-    if hx is None:
+    zero_states = hx is None
+    if zero_states:
         shape = (module.num_layers * num_directions, B)
         h0 = torch.zeros(*shape, real_hidden, dtype=rows.dtype, device=rows.device)
         hx = (h0, torch.zeros(*shape, module.hidden_size, dtype=rows.dtype, device=rows.device)) if is_lstm else h0
@@ -106,7 +113,7 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
             _check_state(name, arg, state, rows)
         hx = states if is_lstm else states[0]
     module.check_forward_args(checked, hx, batch_sizes)  # torch's own shape and dtype checks and messages
-    if sorted_indices is not None:
+    if sorted_indices is not None and not zero_states:  # zeros need no permutation (torch skips it too)
         hx = module.permute_hidden(hx, sorted_indices)
     h0, c0 = hx if is_lstm else (hx, None)
     steps = batch_sizes if batch_sizes is not None else torch.full((x.shape[0],), B, dtype=torch.int64)
@@ -137,7 +144,7 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
     output = layer_input
     if batch_sizes is None:
         output = output.view(x.shape[0], B, output.shape[1])
-    hidden = (torch.stack(h_n), torch.stack(c_n)) if is_lstm else torch.stack(h_n)
+    hidden = (_stack(h_n), _stack(c_n)) if is_lstm else _stack(h_n)
 
     if batch_sizes is not None:
         return (
