@@ -7,6 +7,7 @@ converts an existing module with its weights.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -17,6 +18,13 @@ from torch.nn.utils.rnn import PackedSequence
 from ..ops.lstm import lstm_cell, lstm_layer, rnn_cell, rnn_layer
 
 _SEQ_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_steps(steps: int, batch: int) -> Tensor:
+    """The batch_sizes of a padded batch (every step runs the whole batch), made once per shape: the layer ops read
+    it and nothing writes it."""
+    return torch.full((steps,), batch, dtype=torch.int64)
 
 
 class _FromTorch:
@@ -94,7 +102,10 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
     if zero_states:
         shape = (module.num_layers * num_directions, B)
         h0 = torch.zeros(*shape, real_hidden, dtype=rows.dtype, device=rows.device)
-        hx = (h0, torch.zeros(*shape, module.hidden_size, dtype=rows.dtype, device=rows.device)) if is_lstm else h0
+        if is_lstm:  # the ops only read the initial states: one zero tensor serves as both where the sizes agree
+            same = real_hidden == module.hidden_size
+            c0 = h0 if same else torch.zeros(*shape, module.hidden_size, dtype=rows.dtype, device=rows.device)
+        hx = (h0, c0) if is_lstm else h0
     else:
         states = tuple(hx) if is_lstm else (hx,)
         if is_lstm and len(states) != 2:
@@ -116,7 +127,7 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
     if sorted_indices is not None and not zero_states:  # zeros need no permutation (torch skips it too)
         hx = module.permute_hidden(hx, sorted_indices)
     h0, c0 = hx if is_lstm else (hx, None)
-    steps = batch_sizes if batch_sizes is not None else torch.full((x.shape[0],), B, dtype=torch.int64)
+    steps = batch_sizes if batch_sizes is not None else _uniform_steps(x.shape[0], B)
 
     layer_input = rows
     h_n, c_n = [], []
@@ -125,11 +136,9 @@ def _recurrent_forward(module, input, hx, is_lstm: bool):
         for direction in range(num_directions):
             k = layer * num_directions + direction
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            w_ih, w_hh = getattr(module, "weight_ih" + suffix), getattr(module, "weight_hh" + suffix)
-            b_ih = getattr(module, "bias_ih" + suffix) if module.bias else None
-            b_hh = getattr(module, "bias_hh" + suffix) if module.bias else None
+            w_ih, w_hh, b_ih, b_hh = _params(module, suffix, module.bias)
             if is_lstm:
-                w_hr = getattr(module, "weight_hr" + suffix) if proj_size > 0 else None
+                w_hr = _param(module, "weight_hr" + suffix) if proj_size > 0 else None
                 out, h, c = lstm_layer(layer_input, steps, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, direction == 1)
                 c_n.append(c)
             else:
@@ -201,15 +210,22 @@ def _cell_inputs(name: str, input: Tensor, states):
     return input, states, is_batched
 
 
-def _cell_params(module) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """weight_ih, weight_hh, bias_ih, bias_hh (None without bias), read from the module's parameter dict where they
-    live there: nn.Module's attribute lookup costs about half a microsecond per name, which shows in step loops.
-    Parametrized weights (torch.nn.utils.parametrize) are properties instead, read as attributes."""
-    params = module._parameters
-    try:
-        return params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
-    except KeyError:
-        return module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh
+def _param(module, name: str) -> Tensor:
+    """A parameter read from the module's parameter dict where it lives there: nn.Module's attribute lookup costs
+    about half a microsecond per name, which shows in step loops, and several times that when the caches are cold
+    after a layer's kernel. Parametrized weights (torch.nn.utils.parametrize) are properties instead, read as
+    attributes."""
+    found = module._parameters.get(name)
+    return found if found is not None else getattr(module, name)
+
+
+def _params(module, suffix: str = "", bias: bool = True) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """weight_ih, weight_hh, bias_ih, bias_hh of a cell or of a layer and direction (`suffix`, as "_l0_reverse");
+    the biases None without bias."""
+    w_ih, w_hh = _param(module, "weight_ih" + suffix), _param(module, "weight_hh" + suffix)
+    if not bias:
+        return w_ih, w_hh, None, None
+    return w_ih, w_hh, _param(module, "bias_ih" + suffix), _param(module, "bias_hh" + suffix)
 
 
 class LSTMCell(_FromTorch, torch.nn.LSTMCell):
@@ -233,7 +249,7 @@ class LSTMCell(_FromTorch, torch.nn.LSTMCell):
         if states is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros)
-        h, c = lstm_cell(input, tuple(states), *_cell_params(self))
+        h, c = lstm_cell(input, tuple(states), *_params(self, "", self.bias))
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
@@ -248,7 +264,7 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if isinstance(hx, Tensor) and isinstance(input, Tensor) and input.dim() == 2:  # the step-loop case, kept lean
             try:
-                return rnn_cell(input, hx, *_cell_params(self), self.nonlinearity)
+                return rnn_cell(input, hx, *_params(self, "", self.bias), self.nonlinearity)
             except (ValueError, TypeError):
                 pass  # bad input: the full path below reports it in torch's words
 
@@ -258,5 +274,5 @@ class RNNCell(_FromTorch, torch.nn.RNNCell):
             if states is not None
             else torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         )
-        h = rnn_cell(input, h0, *_cell_params(self), self.nonlinearity)
+        h = rnn_cell(input, h0, *_params(self, "", self.bias), self.nonlinearity)
         return h if is_batched else h.squeeze(0)
