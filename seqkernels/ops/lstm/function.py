@@ -29,7 +29,8 @@ _CPU_DTYPES = frozenset(cpp.DTYPES)
 def _plain_cpu_call(input) -> bool:
     """A call the cpu backend takes whatever its other arguments (checked by the C++ op itself): CPU tensors of a
     supported dtype, no forced backend. Cell steps run in Python loops, so these skip the per-call selection
-    (each test here is a few tens of nanoseconds; a step at batch 1 takes a few microseconds)."""
+    (each test here is a few tens of nanoseconds; a step at batch 1 takes a few microseconds); the layer ops too,
+    where the selection's Python runs cold right after the previous kernel (tens of microseconds)."""
     global _cpu_ready
     if backends._forced or backends._env_backend is not None or not isinstance(input, Tensor):
         return False
@@ -343,6 +344,8 @@ def lstm_layer(
     Shapes: input (N, I), batch_sizes (T,) int64 CPU, h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P),
     w_hr (P, H) or None (then P = H).
     """
+    if _plain_cpu_call(input):  # the cpu backend's own test (its `supports` looks at the input only)
+        return _lstm_layer_cpu(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     impl = backends.select("lstm_layer", input.device, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     return impl.fn(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
@@ -359,5 +362,7 @@ def rnn_layer(
     reverse: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """One RNN layer and direction over packed rows (layout in ``reference``): ``(output, h_n)``."""
+    if _plain_cpu_call(input):
+        return _rnn_layer_cpu(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
     impl = backends.select("rnn_layer", input.device, input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
     return impl.fn(input, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse)
