@@ -20,10 +20,16 @@ from ..ops.lstm import lstm_cell, lstm_layer, rnn_cell, rnn_layer
 _SEQ_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 
-@functools.lru_cache(maxsize=64)
 def _uniform_steps(steps: int, batch: int) -> Tensor:
     """The batch_sizes of a padded batch (every step runs the whole batch), made once per shape: the layer ops read
-    it and nothing writes it."""
+    it and nothing writes it. torch.compile traces the plain tensor instead (it would ignore the cache, warning)."""
+    if torch.compiler.is_compiling():
+        return torch.full((steps,), batch, dtype=torch.int64)
+    return _cached_uniform_steps(steps, batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_uniform_steps(steps: int, batch: int) -> Tensor:
     return torch.full((steps,), batch, dtype=torch.int64)
 
 
