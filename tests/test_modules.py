@@ -241,6 +241,22 @@ def test_packed_output_round_trips_like_torch():
     torch.testing.assert_close(h_o, h_r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_training_after_an_inference_mode_call(kind):
+    # A padded batch's batch_sizes is made once per shape and reused: made first under inference_mode, it must
+    # still be a tensor that autograd can save in a later training call of that shape.
+    ref = getattr(torch.nn, kind)(INPUT_SIZE, HIDDEN)
+    ours = getattr(seqkernels.nn, kind).from_torch(ref)
+    x = torch.randn(T + 3, B + 1, INPUT_SIZE)  # a shape no other test uses first
+    with torch.inference_mode():
+        ours(x)
+    for module in (ours, ref):
+        out, _ = module(x)
+        out.sum().backward()
+    for p_o, p_r in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_o.grad, p_r.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_empty_batch_gives_empty_outputs_like_torch():
     ref = torch.nn.LSTM(INPUT_SIZE, HIDDEN, num_layers=2)
     ours = seqkernels.nn.LSTM.from_torch(ref)

@@ -30,7 +30,8 @@ def _uniform_steps(steps: int, batch: int) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _cached_uniform_steps(steps: int, batch: int) -> Tensor:
-    return torch.full((steps,), batch, dtype=torch.int64)
+    with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode: autograd saves it
+        return torch.full((steps,), batch, dtype=torch.int64)
 
 
 class _FromTorch:
