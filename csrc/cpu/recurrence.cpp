@@ -301,8 +301,8 @@ inline void lstm_units_fwd(const T* __restrict__ bias, int64_t H, T* __restrict_
 // float: one pass, 32 units at a time, their eight gate activations and then their two tanh(c) in lockstep
 // (vec_math::activate_lockstep), everything in registers between the loads and the stores. The pass over a step
 // went from 10.2 to 7.4 us at batch 32 and 128 units (measured alone), and to 6.7 us with AVX-512's table tanh
-// (see vec_math), and the saves go straight from the registers. `n` is the number of units left from j on: kFull (n >= 32) takes whole-vector loads and stores,
-// which keep the loop in registers; the tail takes partial ones.
+// (see vec_math), and the saves go straight from the registers. `n` is the number of units left from j on: kFull
+// (n >= 32) takes whole-vector loads and stores, which keep the loop in registers; the tail takes partial ones.
 template <bool kFull>
 inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const float* __restrict__ g, int64_t Jn,
                              int64_t j, int64_t n, float* __restrict__ c, float* __restrict__ h,

@@ -123,7 +123,7 @@ constexpr uint32_t lstm_gates(int groups) {
 template <int N>
 __attribute__((always_inline)) inline void sigmoid_lockstep(vfloat16 (&v)[N]) {
   const float round_magic = 12582912.0f;
-  vfloat16 x[N], n[N], r[N], p[N], d[N], y[N];
+  vfloat16 x[N], n[N], r[N], p[N], d[N];
 #pragma GCC unroll 8
   for (int q = 0; q < N; ++q)
     x[q] = (vfloat16)_mm512_max_ps(_mm512_set1_ps(-88.5f), _mm512_min_ps(_mm512_set1_ps(88.5f), (__m512)v[q]));
@@ -147,9 +147,7 @@ __attribute__((always_inline)) inline void sigmoid_lockstep(vfloat16 (&v)[N]) {
   for (int q = 0; q < N; ++q) p[q] = p[q] * r[q] + 1.0000000005541976f;
 #pragma GCC unroll 8
   for (int q = 0; q < N; ++q) d[q] = (vfloat16)_mm512_scalef_ps((__m512)p[q], (__m512)n[q]) + 1.0f;
-  reciprocal_lockstep(d, y);
-#pragma GCC unroll 8
-  for (int q = 0; q < N; ++q) v[q] = y[q];
+  reciprocal_lockstep(d, v);
 }
 
 // tanh(k / 2) for k < 20 (float-rounded), then 1: tanh_lockstep's table, one permute of two registers.
