@@ -22,16 +22,19 @@
 // bias gradient as they are written (BiasGrad), then dh_{t-1} = dG_t @ W_hh split by columns. Without a projection
 // a thread's columns of dh are its own units, so it only waits for the others' gate gradients, each when it
 // reaches them (StepFlags, as in the forward); with one, two barriers per step. The output gradient is read in
-// place, with its strides (GradRows). The input and weight gradients are GEMMs over all steps at once afterwards.
-// Where the time goes at batch 32, hidden size 256, 128 steps (a thread, rdtsc): the pointwise part 2.5 ms, which
-// looks bound by memory traffic (a step reads about 100 KB of saved gates and cells and writes 64 KB of dG a
-// thread): it stayed at 2.5 ms with a one-pass register version, with the next step's rows prefetched, and with dG
-// streamed out non-temporally. The dh matmul takes 7.5 ms and the BLAS GEMMs 22.5 ms; GEMMs of our own with both
-// operands packed, and the BLAS's calls run side by side one thread each, were no faster in the layer.
+// place, with its strides (GradRows). The input and weight gradients are GEMMs over all steps at once afterwards
+// (gemm::parallel_matmul; [grad_w_ih | grad_w_hh] = dG^T @ [x | h_prev] is one product, which packs dG^T once).
+// Where the time goes at batch 32, hidden size 256, 128 steps (a thread, rdtsc), on a Zen 4 core: the pointwise
+// part 2.9 ms, which looks bound by memory traffic (a step reads about 100 KB of saved gates and cells and writes
+// 64 KB of dG a thread); the dh matmul 10.0 ms (92% of the core's FMA peak); then the GEMMs, 31.4 ms on both
+// cores at 88-90% of their peak (torch's BLAS, MKL, took 35 ms on them). On an Intel AVX-512 core the pointwise part took 2.5 ms and stayed
+// there with a one-pass register version, with the next step's rows prefetched, and with dG streamed out
+// non-temporally; the dh matmul 7.5 ms; MKL's GEMMs 22.5 ms (the packed GEMMs of an earlier version of ours were
+// no faster there).
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
-// depend on the thread count by rounding only (the backward's BLAS GEMMs, and the recurrences without a
-// projection, whose threads sum the recurrent matmul's k-ranges starting with their own).
+// depend on the thread count by rounding only (the recurrences without a projection, whose threads sum the
+// recurrent matmul's k-ranges starting with their own).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -50,6 +53,7 @@
 
 #include "../common.h"
 #include "gemm_kernel.h"
+#include "gemm_parallel.h"
 #include "vec_math.h"
 
 namespace seqkernels {
@@ -1150,32 +1154,59 @@ Tensor workspace(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
   return buf.narrow(0, 0, numel).view(shape);
 }
 
-// (N, P) matrix of the state each row started from: the previous step's output row, or h0.
-Tensor previous_states(const Schedule& S, const Tensor& out, const Tensor& h0) {
-  Tensor prev = workspace(1, out.sizes(), out.scalar_type());
-  const int64_t P = out.size(1);
-  const int64_t es = out.element_size();
-  const char* o = static_cast<const char*>(out.data_ptr());
-  const char* h = static_cast<const char*>(h0.data_ptr());
-  char* dst = static_cast<char*>(prev.data_ptr());
-  for (int64_t t = 0; t < S.T; ++t)
-    for (int64_t b = 0; b < S.bs[t]; ++b) {
-      const int64_t r = S.prev_row(t, b);
-      std::memcpy(dst + (S.off[t] + b) * P * es, r >= 0 ? o + r * P * es : h + b * P * es, P * es);
-    }
-  return prev;
+// Pointers to the n rows of a row-major matrix with row stride ld.
+template <typename T>
+std::vector<const T*> matrix_rows(const T* base, int64_t n, int64_t ld) {
+  std::vector<const T*> rows(n);
+  for (int64_t k = 0; k < n; ++k) rows[k] = base + k * ld;
+  return rows;
 }
 
-// grad_w_hh = dG^T @ h_prev, h_prev holding the state each row started from (previous_states). When every sequence
-// is as long as the first, all rows but one step's start from the output row one step away, so the product is
-// two GEMMs on the output and h0 as they are, without copying them into h_prev.
-Tensor weight_hh_grad(const Schedule& S, const Tensor& dG, const Tensor& out, const Tensor& h0) {
-  const int64_t B = S.B, N = S.N;
-  if (S.bs[S.T - 1] != B) return at::mm(dG.t(), previous_states(S, out, h0));
-  const int64_t from_h0 = S.reverse ? N - B : 0;  // the first processed step's rows
-  Tensor grad = at::mm(dG.narrow(0, from_h0, B).t(), h0);
-  if (N > B) grad.addmm_(dG.narrow(0, S.reverse ? 0 : B, N - B).t(), out.narrow(0, S.reverse ? B : 0, N - B));
-  return grad;
+// op(A) @ B_s for each operand s, given by its K row pointers and its width, as contiguous (M, width) tensors;
+// op(A) = A, or A^T with `a_transposed`. A is a contiguous matrix of type T. See gemm::parallel_matmul.
+template <typename T>
+std::vector<Tensor> products(const Tensor& A, bool a_transposed,
+                             const std::vector<std::pair<std::vector<const T*>, int64_t>>& operands) {
+  constexpr int64_t L = gemm::lanes<T>();
+  const int64_t M = A.size(a_transposed ? 1 : 0), K = A.size(a_transposed ? 0 : 1);
+  std::vector<Tensor> results;  // rows padded to whole vectors, the padding cut off below
+  std::vector<gemm::Operand<T>> ops;
+  for (const auto& [rows, n] : operands) {
+    results.push_back(at::empty({M, gemm::round_up(n, L)}, A.options()));
+    ops.push_back({rows.data(), n, results.back().template data_ptr<T>(), results.back().size(1)});
+  }
+  Tensor pack = workspace(1, {gemm::packed_size(ops, K)}, A.scalar_type());
+  gemm::parallel_matmul<T>(M, K, A.template data_ptr<T>(), A.size(1), a_transposed, ops, pack.template data_ptr<T>(),
+                           at::in_parallel_region() ? 1 : at::get_num_threads());
+  for (size_t s = 0; s < ops.size(); ++s)
+    if (results[s].size(1) != ops[s].n) results[s] = results[s].narrow(1, 0, ops[s].n).contiguous();
+  return results;
+}
+
+// The gradients of a layer's input and weights, given dG (N, G) of the gate pre-activations: grad_input = dG @ W_ih
+// and [grad_w_ih | grad_w_hh] = dG^T @ [x | h_prev], where h_prev's row is the state that row started from (the
+// previous step's output row, or h0), read in place. GEMMs over all steps at once; the two weight gradients are one
+// product, which packs dG^T once for both. Tensors of the compute type.
+struct InputWeightGrads {
+  Tensor input, w_ih, w_hh;
+};
+
+InputWeightGrads input_weight_grads(const Schedule& S, const Tensor& dG, const Tensor& input, const Tensor& w_ih,
+                                    const Tensor& output, const Tensor& h0) {
+  return AT_DISPATCH_FLOATING_TYPES(dG.scalar_type(), "input_weight_grads", [&] {
+    using T = scalar_t;
+    const Tensor x = input.contiguous(), w = w_ih.contiguous(), out = output.contiguous(), h = h0.contiguous();
+    const int64_t N = S.N, G = dG.size(1), I = x.size(1), P = out.size(1);
+    std::vector<const T*> h_rows(N);
+    for (int64_t t = 0; t < S.T; ++t)
+      for (int64_t b = 0; b < S.bs[t]; ++b) {
+        const int64_t r = S.prev_row(t, b);
+        h_rows[S.off[t] + b] = r >= 0 ? out.data_ptr<T>() + r * P : h.data_ptr<T>() + b * P;
+      }
+    const Tensor gi = products<T>(dG, false, {{matrix_rows(w.data_ptr<T>(), G, I), I}})[0];
+    const std::vector<Tensor> gw = products<T>(dG, true, {{matrix_rows(x.data_ptr<T>(), N, I), I}, {h_rows, P}});
+    return InputWeightGrads{gi, gw[0], gw[1]};
+  });
 }
 
 // A (rows, cols) gradient tensor of element type T as GradRows, with its own strides.
@@ -1307,11 +1338,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
                         H, P};
     lstm_backward(S, a);
   });
-  Tensor grad_input = at::mm(dG, w_ih.to(ct)).to(dt);
-  Tensor grad_w_ih = at::mm(dG.t(), input.to(ct)).to(dt);
-  Tensor grad_w_hh = weight_hh_grad(S, dG, to_compute(output), to_compute(h0)).to(dt);
-  Tensor grad_w_hr = whr.defined() ? at::mm(DH.t(), Ht).to(dt) : at::empty({0, 0}, input.options());
-  return {grad_input, grad_h0.to(dt), grad_c0.to(dt), grad_w_ih, grad_w_hh, grad_bias.to(dt), grad_w_hr};
+  const InputWeightGrads gr = input_weight_grads(S, dG, to_compute(input), to_compute(w_ih), to_compute(output),
+                                                to_compute(h0));
+  Tensor grad_w_hr = at::empty({0, 0}, input.options());
+  if (whr.defined()) {  // DH^T @ Ht
+    grad_w_hr = AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
+      return products<scalar_t>(DH, true, {{matrix_rows(Ht.data_ptr<scalar_t>(), N, H), H}})[0].to(dt);
+    });
+  }
+  return {gr.input.to(dt), grad_h0.to(dt), grad_c0.to(dt), gr.w_ih.to(dt), gr.w_hh.to(dt), grad_bias.to(dt), grad_w_hr};
 }
 
 int64_t check_rnn_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
@@ -1383,8 +1418,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
                            whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
                            grad_bias.data_ptr<scalar_t>(), H);
   });
-  return {at::mm(dG, w_ih.to(ct)).to(dt), grad_h0.to(dt), at::mm(dG.t(), input.to(ct)).to(dt),
-          weight_hh_grad(S, dG, out, to_compute(h0)).to(dt), grad_bias.to(dt)};
+  const InputWeightGrads g = input_weight_grads(S, dG, to_compute(input), to_compute(w_ih), out, to_compute(h0));
+  return {g.input.to(dt), grad_h0.to(dt), g.w_ih.to(dt), g.w_hh.to(dt), grad_bias.to(dt)};
 }
 
 }  // namespace
