@@ -1,4 +1,5 @@
-// A threaded GEMM for the backward's large products (weight and input gradients over all time steps):
+// A threaded GEMM for the backward's large products (the weight gradients over all time steps, and the RNN's
+// input gradient):
 // C_s[M x n_s] = op(A)[M x K] @ B_s[K x n_s] for one or more B operands s that share A, op(A) = A or A^T.
 //
 // Goto's blocking around gemm_kernel.h's micro-kernels. Every B is packed once, in full, by the whole team (each
@@ -8,9 +9,9 @@
 // every column block of every B. A thread's block of C stays in its L2 for all K panels, A's panel in L1, and B is
 // read from L2 or L3, where it stays while every block of C uses it. Sharing A between several B saves packing it
 // twice: grad_w_ih and grad_w_hh are one product of dG^T with [x | h_prev]. At batch 32, 128 steps, sizes 256
-// (two Zen 4 cores): grad_input took 10.3 ms and the weight gradients 21.1 ms, 88-90% of the cores' FMA peak,
-// where torch's BLAS (MKL) took 11.5 and 23.6 ms for the same products; the micro-kernel alone reaches the peak,
-// and packing A and B takes most of the rest (their sources come from memory).
+// (two Zen 4 cores): an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the
+// cores' FMA peak, where torch's BLAS (MKL) took 11.5 and 23.6 ms for the same products; the micro-kernel alone
+// reaches the peak, and packing A and B takes most of the rest (their sources come from memory).
 //
 // Each C element is summed in kPackedPanel-long multiply-add chains, the chains added in K order, whatever the
 // thread count: the result is bitwise reproducible and does not depend on the team.

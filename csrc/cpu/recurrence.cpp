@@ -22,19 +22,22 @@
 // bias gradient as they are written (BiasGrad), then dh_{t-1} = dG_t @ W_hh split by columns. Without a projection
 // a thread's columns of dh are its own units, so it only waits for the others' gate gradients, each when it
 // reaches them (StepFlags, as in the forward); with one, two barriers per step. The output gradient is read in
-// place, with its strides (GradRows). The input and weight gradients are GEMMs over all steps at once afterwards
-// (gemm::parallel_matmul; [grad_w_ih | grad_w_hh] = dG^T @ [x | h_prev] is one product, which packs dG^T once).
-// Where the time goes at batch 32, hidden size 256, 128 steps (a thread, rdtsc), on a Zen 4 core: the pointwise
-// part 2.9 ms, which looks bound by memory traffic (a step reads about 100 KB of saved gates and cells and writes
-// 64 KB of dG a thread); the dh matmul 10.0 ms (92% of the core's FMA peak); then the GEMMs, 31.4 ms on both
-// cores at 88-90% of their peak (torch's BLAS, MKL, took 35 ms on them). On an Intel AVX-512 core the pointwise part took 2.5 ms and stayed
-// there with a one-pass register version, with the next step's rows prefetched, and with dG streamed out
-// non-temporally; the dh matmul 7.5 ms; MKL's GEMMs 22.5 ms (the packed GEMMs of an earlier version of ours were
-// no faster there).
+// place, with its strides (GradRows). In the LSTM, after dh, each thread also computes its columns of the
+// step's rows of grad_input = dG_t @ W_ih while dG_t is in cache (with W_ih's columns packed once, as W_hh's):
+// the training step at batch 32 ran 0.7-1.0 ms faster than with grad_input as a GEMM afterwards, which read dG
+// back from memory (the RNN's grad_input still is one). The weight gradients are one GEMM over all steps
+// afterwards (gemm::parallel_matmul: [grad_w_ih | grad_w_hh] = dG^T @ [x | h_prev], which packs dG^T once).
+// Where the time goes at batch 32, hidden size 256, 128 steps (a thread, rdtsc), on a Zen 4 core, before
+// grad_input moved into the loop: the pointwise part 2.9 ms, which looks bound by memory traffic (a step reads
+// about 100 KB of saved gates and cells and writes 64 KB of dG a thread); the dh matmul 10.0 ms (92% of the
+// core's FMA peak); then the GEMMs, 31.4 ms on both cores at 88-90% of their peak (torch's BLAS, MKL, took 35 ms
+// on them). On an Intel AVX-512 core the pointwise part took 2.5 ms and stayed there with a one-pass register
+// version, with the next step's rows prefetched, and with dG streamed out non-temporally; the dh matmul 7.5 ms;
+// MKL's GEMMs 22.5 ms (the packed GEMMs of an earlier version of ours were no faster there).
 //
 // Every multiply-add chain has a fixed order for a given thread count, so results are bitwise reproducible; they
 // depend on the thread count by rounding only (the recurrences without a projection, whose threads sum the
-// recurrent matmul's k-ranges starting with their own).
+// recurrent matmul's k-ranges starting with their own, as the LSTM's grad_input does).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -634,7 +637,9 @@ struct LstmBwd {
   T* grad_h0;         // (B, P)
   T* grad_c0;         // (B, H)
   T* grad_bias;       // (4H) column sums of dG
-  int64_t H, P;
+  const T* w_ih;      // (4H, I)
+  T* grad_input;      // (N, I) out: dG @ W_ih
+  int64_t H, P, I;
 };
 
 template <typename T>
@@ -666,6 +671,10 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
     const auto Wp = pack_columns(a.w_hh, P, 4 * H, Q.begin, Qn, ldq, B);  // W_hh[:, Q] for dh_{t-1} = dG_t @ W_hh
     gemm::Buffer<T> Y(B * ldq), D(proj ? B * ldj : 0), tc(Jn);
     BiasGrad<T> db(4, Jn, H);
+    const Range Ix = split(a.I, nt, tid, L);  // the thread's columns of grad_input
+    const int64_t Ixn = Ix.size(), ldx = round_up(Ixn, L);
+    const auto Wx = pack_columns(a.w_ih, a.I, 4 * H, Ix.begin, Ixn, ldx, B);  // W_ih[:, Ix]
+    gemm::Buffer<T> X(B * ldx);
     gemm::PackedB<T> Rp;  // W_hr[:, J] for dh~ = dh @ W_hr
     if (proj) Rp = pack_columns(a.w_hr, H, P, J.begin, Jn, ldj, B);
 
@@ -722,6 +731,14 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
             std::copy(Y.data() + b * ldq, Y.data() + b * ldq + Qn, a.grad_h0 + b * P + Q.begin);
           }
         }
+      }
+      if (Ixn > 0 && bs > 0) {  // grad_input[:, Ix] of the step's rows = dG_t @ W_ih[:, Ix], while dG_t is in cache
+        if (proj)
+          Wx.matmul(bs, 0, 4 * H, a.dG + off * 4 * H, 4 * H, X.data(), ldx);
+        else
+          matmul_own_first(bs, a.dG + off * 4 * H, 4 * H, Wx, X.data(), ldx, units, tid, flags, s + 1, 4, H);
+        for (int64_t b = 0; b < bs; ++b)
+          std::copy(X.data() + b * ldx, X.data() + b * ldx + Ixn, a.grad_input + (off + b) * a.I + Ix.begin);
       }
       if (proj) step.wait();  // without a projection, a thread's dh columns are its own: no one else reads them
     }
@@ -1183,29 +1200,23 @@ std::vector<Tensor> products(const Tensor& A, bool a_transposed,
   return results;
 }
 
-// The gradients of a layer's input and weights, given dG (N, G) of the gate pre-activations: grad_input = dG @ W_ih
-// and [grad_w_ih | grad_w_hh] = dG^T @ [x | h_prev], where h_prev's row is the state that row started from (the
-// previous step's output row, or h0), read in place. GEMMs over all steps at once; the two weight gradients are one
-// product, which packs dG^T once for both. Tensors of the compute type.
-struct InputWeightGrads {
-  Tensor input, w_ih, w_hh;
-};
-
-InputWeightGrads input_weight_grads(const Schedule& S, const Tensor& dG, const Tensor& input, const Tensor& w_ih,
-                                    const Tensor& output, const Tensor& h0) {
-  return AT_DISPATCH_FLOATING_TYPES(dG.scalar_type(), "input_weight_grads", [&] {
+// The gradients of a layer's weights, given dG (N, G) of the gate pre-activations: [grad_w_ih | grad_w_hh] =
+// dG^T @ [x | h_prev], where h_prev's row is the state that row started from (the previous step's output row, or
+// h0), read in place. One GEMM over all steps, which packs dG^T once for both. Tensors of the compute type.
+std::pair<Tensor, Tensor> weight_grads(const Schedule& S, const Tensor& dG, const Tensor& input, const Tensor& output,
+                                       const Tensor& h0) {
+  return AT_DISPATCH_FLOATING_TYPES(dG.scalar_type(), "weight_grads", [&] {
     using T = scalar_t;
-    const Tensor x = input.contiguous(), w = w_ih.contiguous(), out = output.contiguous(), h = h0.contiguous();
-    const int64_t N = S.N, G = dG.size(1), I = x.size(1), P = out.size(1);
+    const Tensor x = input.contiguous(), out = output.contiguous(), h = h0.contiguous();
+    const int64_t N = S.N, I = x.size(1), P = out.size(1);
     std::vector<const T*> h_rows(N);
     for (int64_t t = 0; t < S.T; ++t)
       for (int64_t b = 0; b < S.bs[t]; ++b) {
         const int64_t r = S.prev_row(t, b);
         h_rows[S.off[t] + b] = r >= 0 ? out.data_ptr<T>() + r * P : h.data_ptr<T>() + b * P;
       }
-    const Tensor gi = products<T>(dG, false, {{matrix_rows(w.data_ptr<T>(), G, I), I}})[0];
     const std::vector<Tensor> gw = products<T>(dG, true, {{matrix_rows(x.data_ptr<T>(), N, I), I}, {h_rows, P}});
-    return InputWeightGrads{gi, gw[0], gw[1]};
+    return std::make_pair(gw[0], gw[1]);
   });
 }
 
@@ -1328,6 +1339,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
   Tensor dG = workspace(2, {N, 4 * H}, ct);
   Tensor DH = at::empty({whr.defined() ? N : 0, P}, opts), Ht = at::empty({whr.defined() ? N : 0, H}, opts);
   Tensor grad_h0 = at::empty({B, P}, opts), grad_c0 = at::empty({B, H}, opts), grad_bias = at::empty({4 * H}, opts);
+  const Tensor wih = to_compute(w_ih);
+  Tensor grad_input = at::empty({N, input.size(1)}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
     LstmBwd<scalar_t> a{grad_rows<scalar_t>(go), ghn.data_ptr<scalar_t>(), gcn.data_ptr<scalar_t>(),
                         g.data_ptr<scalar_t>(),   cs.data_ptr<scalar_t>(),  c0c.data_ptr<scalar_t>(),
@@ -1335,18 +1348,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_bwd(
                         dG.data_ptr<scalar_t>(),  whr.defined() ? DH.data_ptr<scalar_t>() : nullptr,
                         whr.defined() ? Ht.data_ptr<scalar_t>() : nullptr,
                         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
-                        H, P};
+                        wih.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), H, P, input.size(1)};
     lstm_backward(S, a);
   });
-  const InputWeightGrads gr = input_weight_grads(S, dG, to_compute(input), to_compute(w_ih), to_compute(output),
-                                                to_compute(h0));
+  const auto [grad_w_ih, grad_w_hh] = weight_grads(S, dG, to_compute(input), to_compute(output), to_compute(h0));
   Tensor grad_w_hr = at::empty({0, 0}, input.options());
   if (whr.defined()) {  // DH^T @ Ht
     grad_w_hr = AT_DISPATCH_FLOATING_TYPES(ct, "lstm_seq_bwd", [&] {
       return products<scalar_t>(DH, true, {{matrix_rows(Ht.data_ptr<scalar_t>(), N, H), H}})[0].to(dt);
     });
   }
-  return {gr.input.to(dt), grad_h0.to(dt), grad_c0.to(dt), gr.w_ih.to(dt), gr.w_hh.to(dt), grad_bias.to(dt), grad_w_hr};
+  return {grad_input.to(dt), grad_h0.to(dt), grad_c0.to(dt), grad_w_ih.to(dt), grad_w_hh.to(dt), grad_bias.to(dt),
+          grad_w_hr};
 }
 
 int64_t check_rnn_layer(const char* op, const Tensor& input, const Tensor& h0, const Tensor& w_ih,
@@ -1418,8 +1431,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_bwd(
                            whh.data_ptr<scalar_t>(), relu, dG.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
                            grad_bias.data_ptr<scalar_t>(), H);
   });
-  const InputWeightGrads g = input_weight_grads(S, dG, to_compute(input), to_compute(w_ih), out, to_compute(h0));
-  return {g.input.to(dt), grad_h0.to(dt), g.w_ih.to(dt), g.w_hh.to(dt), grad_bias.to(dt)};
+  const Tensor wih = to_compute(w_ih);
+  const Tensor grad_input = AT_DISPATCH_FLOATING_TYPES(ct, "rnn_seq_bwd", [&] {  // dG @ W_ih
+    return products<scalar_t>(dG, false, {{matrix_rows(wih.data_ptr<scalar_t>(), H, wih.size(1)), wih.size(1)}})[0];
+  });
+  const auto [grad_w_ih, grad_w_hh] = weight_grads(S, dG, to_compute(input), out, to_compute(h0));
+  return {grad_input.to(dt), grad_h0.to(dt), grad_w_ih.to(dt), grad_w_hh.to(dt), grad_bias.to(dt)};
 }
 
 }  // namespace
