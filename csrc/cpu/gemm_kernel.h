@@ -249,6 +249,29 @@ void matmul(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* 
   }
 }
 
+// Rows [k0, k1) of B (K x Nc, given by its rows: row(k) points at B[k][0, cols); columns cols <= n < Nc are
+// zeros) in PackedB's layout at `data`: the column block at n0 (for_each_column_block's widths, up to `widest`)
+// at data + K * n0, its rows w = nr * lanes apart. A block's whole rows move in copies of a constant size (of a
+// variable size, std::memcpy is a library call per row: about 1 ms a thread on the backward's weight GEMM).
+template <typename T, typename RowPtr>
+void pack_row_range(T* data, int64_t K, int64_t Nc, int widest, int64_t cols, RowPtr row, int64_t k0, int64_t k1) {
+  for_each_column_block<T>(Nc, widest, [&](int64_t n0, int nr) {
+    const int64_t w = nr * lanes<T>(), n = std::clamp<int64_t>(cols - n0, 0, w);
+    for (int64_t k = k0; k < k1; ++k) {
+      T* dst = data + K * n0 + k * w;
+      switch (n == w ? nr : 0) {
+        case 1: std::memcpy(dst, row(k) + n0, 1 * lanes<T>() * sizeof(T)); break;
+        case 2: std::memcpy(dst, row(k) + n0, 2 * lanes<T>() * sizeof(T)); break;
+        case 3: std::memcpy(dst, row(k) + n0, 3 * lanes<T>() * sizeof(T)); break;
+        case 4: std::memcpy(dst, row(k) + n0, 4 * lanes<T>() * sizeof(T)); break;
+        case 8: std::memcpy(dst, row(k) + n0, 8 * lanes<T>() * sizeof(T)); break;
+        default:
+          for (int64_t q = 0; q < w; ++q) dst[q] = q < n ? row(k)[n0 + q] : T(0);
+      }
+    }
+  });
+}
+
 // A weight matrix B (K x Nc, Nc a multiple of the vector width) packed once for many matmul calls: each
 // column block (in for_each_column_block's widths) holds its K rows contiguously, so the panel a micro-kernel
 // reads is one sequential stream rather than K rows ldb apart (which the hardware prefetchers follow poorly
@@ -261,11 +284,7 @@ class PackedB {
   template <typename RowPtr>
   void pack_rows(int64_t K, int64_t Nc, int64_t max_rows, int64_t cols, RowPtr row) {
     reset(K, Nc, max_rows);
-    for_each_column_block<T>(Nc, widest_, [&](int64_t n0, int nr) {
-      const int64_t w = nr * lanes<T>(), n = std::clamp<int64_t>(cols - n0, 0, w);
-      for (int64_t k = 0; k < K && n > 0; ++k) std::copy(row(k) + n0, row(k) + n0 + n, data_.data() + K * n0 + k * w);
-      zero_padding(n0, w, n);
-    });
+    pack_row_range(data_.data(), K, Nc, widest_, cols, row, 0, K);
   }
 
   // Packs B given transposed: row(n) points at B[0, K)[n] (column n of B, contiguous) for n < cols; columns

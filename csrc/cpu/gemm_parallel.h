@@ -45,38 +45,29 @@ namespace detail {
 
 constexpr int64_t kBlockRows = 16 * kRowBlock;  // rows of C per block: 128 with AVX-512
 
-// B operands packed for parallel_matmul into `data` (packed_size elements): operand s's column block at n0 (nr
-// vectors wide, w = nr * lanes) holds its K rows contiguously at block(s, n0), each w elements.
+// Where each operand starts in the packed buffer, and (last) the buffer's size: K rows of round_up(n, lanes) each.
+template <typename T>
+std::vector<int64_t> operand_starts(const std::vector<Operand<T>>& ops, int64_t K) {
+  std::vector<int64_t> starts{0};
+  for (const auto& op : ops) starts.push_back(starts.back() + round_up(op.n, lanes<T>()) * K);
+  return starts;
+}
+
+// B operands packed for parallel_matmul into `data` (packed_size elements), each in PackedB's layout: operand s's
+// column block at n0 (nr vectors wide, w = nr * lanes) holds its K rows contiguously at block(s, n0), each w
+// elements.
 template <typename T>
 class PackedOperands {
  public:
-  PackedOperands(const std::vector<Operand<T>>& ops, int64_t K, T* data) : K_(K), data_(data) {
-    int64_t total = 0;
-    for (const auto& op : ops) {
-      start_.push_back(total);
-      total += round_up(op.n, lanes<T>()) * K;
-    }
-  }
+  PackedOperands(const std::vector<Operand<T>>& ops, int64_t K, T* data)
+      : K_(K), data_(data), start_(operand_starts(ops, K)) {}
 
   // Packs rows [k0, k1) of every operand (threads pack disjoint row ranges).
   void pack(const std::vector<Operand<T>>& ops, int64_t k0, int64_t k1) {
     for (size_t s = 0; s < ops.size(); ++s) {
-      const Operand<T>& op = ops[s];
-      for_each_column_block<T>(round_up(op.n, lanes<T>()), kColBlock, [&](int64_t n0, int nr) {
-        const int64_t w = nr * lanes<T>(), n = std::min(w, op.n - n0);
-        T* dst = block(s, n0);
-        for (int64_t k = k0; k < k1; ++k) {
-          const T* src = op.rows[k] + n0;
-          switch (n == w ? nr : 0) {  // whole blocks in moves of a constant size, not library calls
-            case 1: std::memcpy(dst + k * w, src, 1 * lanes<T>() * sizeof(T)); break;
-            case 2: std::memcpy(dst + k * w, src, 2 * lanes<T>() * sizeof(T)); break;
-            case 3: std::memcpy(dst + k * w, src, 3 * lanes<T>() * sizeof(T)); break;
-            case 4: std::memcpy(dst + k * w, src, 4 * lanes<T>() * sizeof(T)); break;
-            default:
-              for (int64_t q = 0; q < w; ++q) dst[k * w + q] = q < n ? src[q] : T(0);
-          }
-        }
-      });
+      const T* const* rows = ops[s].rows;
+      pack_row_range(block(s, 0), K_, round_up(ops[s].n, lanes<T>()), kColBlock, ops[s].n,
+                     [&](int64_t k) { return rows[k]; }, k0, k1);
     }
   }
 
@@ -149,9 +140,7 @@ void pack_a(const T* A, int64_t lda, int64_t m0, int64_t mn, int64_t k0, int64_t
 // Elements of the buffer parallel_matmul packs the operands into.
 template <typename T>
 int64_t packed_size(const std::vector<Operand<T>>& ops, int64_t K) {
-  int64_t total = 0;
-  for (const auto& op : ops) total += round_up(op.n, lanes<T>()) * K;
-  return total;
+  return detail::operand_starts(ops, K).back();
 }
 
 // C_s = op(A) @ B_s for every operand s (see the top of the file). A is (M x K) with row stride lda, or with
