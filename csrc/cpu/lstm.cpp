@@ -60,35 +60,63 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return sum;
 }
 
-// float: 16 gate rows at once, one accumulator vector per row over the input then the hidden part; the 16 lane
-// partials are summed by one in-register transpose and a tree of adds, instead of a horizontal sum per row.
-inline void add_row_products16(const float* v, int64_t n, const float* w, vec_math::vfloat16 (&acc)[16]) {
-  using vec_math::vfloat16;
+// float: kRows gate rows at once (one register's floats: 16 with AVX-512, 8 with AVX2), one accumulator
+// register per row over the input then the hidden part, so the accumulators fit in the register file (16 rows of
+// two AVX2 registers each did not: spilled, the step at batch 1, hidden size 128 ran five times slower). The
+// kRows lane partials are summed by one in-register transpose and a tree of adds, instead of a horizontal sum per
+// row.
+#if defined(__AVX512F__)
+using RowsVec = vec_math::vfloat16;
+inline void transpose_rows(RowsVec (&x)[16]) { vec_math::transpose16(x); }
+#else
+using RowsVec = vec_math::vfloat8;
+inline void transpose_rows(RowsVec (&x)[8]) { vec_math::transpose8(x); }
+#endif
+constexpr int kRows = sizeof(RowsVec) / sizeof(float);
+
+inline void add_row_products(const float* v, int64_t n, const float* w, RowsVec (&acc)[kRows]) {
   int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {  // whole vectors, without load16's length test (it cost 10% of the op here)
-    vfloat16 xv;
+  for (; k + kRows <= n; k += kRows) {  // whole vectors, without a length test (it cost 10% of the op here)
+    RowsVec xv;
     std::memcpy(&xv, v + k, sizeof xv);
-    for (int i = 0; i < 16; ++i) {
-      vfloat16 wv;
+    for (int i = 0; i < kRows; ++i) {
+      RowsVec wv;
       std::memcpy(&wv, w + i * n + k, sizeof wv);
       acc[i] += wv * xv;
     }
   }
   if (k < n) {  // the last n - k columns, zero-padded
-    const vfloat16 xv = vec_math::load16(v + k, n - k);
-    for (int i = 0; i < 16; ++i) acc[i] += vec_math::load16(w + i * n + k, n - k) * xv;
+    RowsVec xv{};
+    std::memcpy(&xv, v + k, (n - k) * sizeof(float));
+    for (int i = 0; i < kRows; ++i) {
+      RowsVec wv{};
+      std::memcpy(&wv, w + i * n + k, (n - k) * sizeof(float));
+      acc[i] += wv * xv;
+    }
   }
 }
 
-inline vec_math::vfloat16 rows16_matvec(const float* x, int64_t I, const float* h, int64_t H, const float* w_ih,
-                                        const float* w_hh) {
-  vec_math::vfloat16 acc[16] = {};
-  add_row_products16(x, I, w_ih, acc);
-  add_row_products16(h, H, w_hh, acc);
-  vec_math::transpose16(acc);  // acc[i][j]: lane i's partial of row j
-  for (int step = 8; step >= 1; step /= 2)
+// Rows [0, kRows) of x @ w_ih^T + h @ w_hh^T.
+inline RowsVec rows_matvec(const float* x, int64_t I, const float* h, int64_t H, const float* w_ih,
+                           const float* w_hh) {
+  RowsVec acc[kRows] = {};
+  add_row_products(x, I, w_ih, acc);
+  add_row_products(h, H, w_hh, acc);
+  transpose_rows(acc);  // acc[i][j]: lane i's partial of row j
+  for (int step = kRows / 2; step >= 1; step /= 2)
     for (int i = 0; i < step; ++i) acc[i] += acc[i + step];
   return acc[0];
+}
+
+// Rows [0, 16) of x @ w_ih^T + h @ w_hh^T, kRows at a time.
+inline vec_math::vfloat16 rows16_matvec(const float* x, int64_t I, const float* h, int64_t H, const float* w_ih,
+                                        const float* w_hh) {
+  vec_math::vfloat16 y;
+  for (int q = 0; q < 16 / kRows; ++q) {
+    const RowsVec part = rows_matvec(x, I, h, H, w_ih + q * kRows * I, w_hh + q * kRows * H);
+    std::memcpy(reinterpret_cast<float*>(&y) + q * kRows, &part, sizeof part);
+  }
+  return y;
 }
 
 // (B, rows) = x @ w_ih^T + h @ w_hh^T for a small batch, parallel over blocks of 16 gate rows when there is enough

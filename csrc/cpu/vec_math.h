@@ -301,6 +301,22 @@ inline void transpose16(vfloat16 (&x)[16]) {
   SEQKERNELS_TRANSPOSE_STAGE(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
                              (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
 }
+
+// The same for an 8 x 8 block of 8-float vectors (AVX2 registers): three stages.
+typedef float vfloat8 __attribute__((vector_size(32)));
+#define SEQKERNELS_TRANSPOSE8_STAGE(BIT, LO, HI)                      \
+  for (int i = 0; i < 8; ++i)                                         \
+    if (!(i & BIT)) {                                                 \
+      const vfloat8 a = x[i], b = x[i | BIT];                         \
+      x[i] = __builtin_shufflevector(a, b, SEQKERNELS_LIST LO);       \
+      x[i | BIT] = __builtin_shufflevector(a, b, SEQKERNELS_LIST HI); \
+    }
+inline void transpose8(vfloat8 (&x)[8]) {
+  SEQKERNELS_TRANSPOSE8_STAGE(4, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
+  SEQKERNELS_TRANSPOSE8_STAGE(2, (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
+  SEQKERNELS_TRANSPOSE8_STAGE(1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
+}
+#undef SEQKERNELS_TRANSPOSE8_STAGE
 #undef SEQKERNELS_TRANSPOSE_STAGE
 #undef SEQKERNELS_LIST
 
