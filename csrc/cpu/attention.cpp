@@ -149,8 +149,8 @@ Tensor pack_heads_rows(const T* src, int64_t heads, int64_t n, int64_t dim, int6
 // Scores (base 2) transposed, St[c][r] for keys [s0, s0 + cols) x query rows [l0, l0 + rows) of head (z, h):
 // masks applied in place (a float mask times log2(e); a bool mask as -inf where false). Causal: key s0 + c is
 // hidden from the queries before it, a prefix of each key's row. A mask stored along keys (the usual case) is
-// read in 16 x 16 blocks of contiguous rows, transposed in registers; one that broadcasts over queries (a key
-// padding mask) is one value per key.
+// read in square blocks of contiguous rows (16 or 8 wide: the registers' width), transposed in registers; one
+// that broadcasts over queries (a key padding mask) is one value per key.
 template <typename T>
 void apply_masks_transposed(T* St, int64_t ld, int64_t rows, int64_t cols, int64_t z, int64_t h, int64_t l0,
                             int64_t s0, bool causal, const Mask<T>& m) {
@@ -180,31 +180,33 @@ void apply_masks_transposed(T* St, int64_t ld, int64_t rows, int64_t cols, int64
   };
   int64_t r16 = 0, c16 = 0;
   if constexpr (std::is_same_v<T, float>) {
-    using vec_math::vfloat16;
+    using V = vec_math::vnative;
+    using VI = vec_math::vinative;
+    constexpr int64_t W = vec_math::kNativeLanes;  // blocks of W x W: the registers' width
     if (m.ss == 1 && m.sl != 0) {
-      r16 = rows / 16 * 16;
-      c16 = cols / 16 * 16;
-      typedef uint8_t vbyte16 __attribute__((vector_size(16)));
-      typedef int32_t vint16 __attribute__((vector_size(64)));
-      const vfloat16 zero{}, minus_inf = zero - __builtin_inff();
-      for (int64_t r0 = 0; r0 < r16; r0 += 16)
-        for (int64_t c0 = 0; c0 < c16; c0 += 16) {
-          vfloat16 x[16];  // x[i]: query r0 + i, keys c0 .. c0 + 15, as additive values
-          for (int i = 0; i < 16; ++i) {
+      r16 = rows / W * W;
+      c16 = cols / W * W;
+      typedef uint8_t vbytes __attribute__((vector_size(W)));
+      const V minus_inf = V{} - __builtin_inff();
+      for (int64_t r0 = 0; r0 < r16; r0 += W)
+        for (int64_t c0 = 0; c0 < c16; c0 += W) {
+          V x[W];  // x[i]: query r0 + i, keys c0 .. c0 + W - 1, as additive values
+          for (int i = 0; i < W; ++i) {
             const int64_t at = base + (r0 + i) * m.sl + c0;
             if (m.b) {
-              vbyte16 keep;
+              vbytes keep;
               std::memcpy(&keep, m.b + at, sizeof keep);
-              x[i] = __builtin_convertvector(keep, vint16) != 0 ? zero : minus_inf;
+              const VI kept = __builtin_convertvector(keep != 0, VI);  // -1 or 0 per lane
+              x[i] = (V)(~kept & (VI)minus_inf);                        // kept: 0; masked out: -inf
             } else {
               std::memcpy(&x[i], m.f + at, sizeof x[i]);
               x[i] *= float(kLog2e);
             }
           }
-          vec_math::transpose16(x);
-          for (int i = 0; i < 16; ++i) {
+          vec_math::transpose_native(x);
+          for (int i = 0; i < W; ++i) {
             float* dst = St + (c0 + i) * ld + r0;
-            vfloat16 sv;
+            V sv;
             std::memcpy(&sv, dst, sizeof sv);
             sv += x[i];
             std::memcpy(dst, &sv, sizeof sv);
@@ -235,53 +237,55 @@ void softmax_tile(T* St, int64_t ld, int64_t cols, int64_t n, T* m, T* l, T* alp
   }
 }
 
-// float: the NJ vectors of 16 query columns side by side, one key row at a time, so the max and the sum run as NJ
-// (the max as 2 NJ) independent chains rather than one chain per vector, which latency bound the max pass.
-template <int NJ>
+// float: the NV vectors of query columns side by side (vectors of the registers' width: vec_math::vnative), one
+// key row at a time, so the max and the sum run as NV (the max as 2 NV) independent chains rather than one chain
+// per vector, which latency bound the max pass.
+template <int NV>
 void softmax_tile_float(float* St, int64_t ld, int64_t cols, float* m, float* l, float* alpha) {
-  using vec_math::vfloat16;
-  const vfloat16 neg_inf = vfloat16{} - __builtin_inff();
-  vfloat16 mo[NJ], mx[NJ], mx2[NJ], shift[NJ], acc[NJ];
-  for (int j = 0; j < NJ; ++j) {
-    std::memcpy(&mo[j], m + 16 * j, sizeof mo[j]);
+  using V = vec_math::vnative;
+  constexpr int64_t W = vec_math::kNativeLanes;
+  const V neg_inf = V{} - __builtin_inff();
+  V mo[NV], mx[NV], mx2[NV], shift[NV], acc[NV];
+  for (int j = 0; j < NV; ++j) {
+    std::memcpy(&mo[j], m + W * j, sizeof mo[j]);
     mx[j] = mo[j];
     mx2[j] = neg_inf;
-    acc[j] = vfloat16{};
+    acc[j] = V{};
   }
   int64_t c = 0;
   for (; c + 2 <= cols; c += 2)
-    for (int j = 0; j < NJ; ++j) {
-      vfloat16 v, w;
-      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
-      std::memcpy(&w, St + (c + 1) * ld + 16 * j, sizeof w);
+    for (int j = 0; j < NV; ++j) {
+      V v, w;
+      std::memcpy(&v, St + c * ld + W * j, sizeof v);
+      std::memcpy(&w, St + (c + 1) * ld + W * j, sizeof w);
       mx[j] = v > mx[j] ? v : mx[j];
       mx2[j] = w > mx2[j] ? w : mx2[j];
     }
-  for (int j = 0; j < NJ; ++j) {
+  for (int j = 0; j < NV; ++j) {
     if (c < cols) {
-      vfloat16 v;
-      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
+      V v;
+      std::memcpy(&v, St + c * ld + W * j, sizeof v);
       mx[j] = v > mx[j] ? v : mx[j];
     }
     mx[j] = mx2[j] > mx[j] ? mx2[j] : mx[j];
-    shift[j] = mx[j] == neg_inf ? vfloat16{} : mx[j];  // no key yet: 2^-inf = 0 everywhere
+    shift[j] = mx[j] == neg_inf ? V{} : mx[j];  // no key yet: 2^-inf = 0 everywhere
   }
   for (c = 0; c < cols; ++c)
-    for (int j = 0; j < NJ; ++j) {
-      vfloat16 v;
-      std::memcpy(&v, St + c * ld + 16 * j, sizeof v);
-      v = vec_math::exp2_nonpositive16(v - shift[j]);
-      std::memcpy(St + c * ld + 16 * j, &v, sizeof v);
+    for (int j = 0; j < NV; ++j) {
+      V v;
+      std::memcpy(&v, St + c * ld + W * j, sizeof v);
+      v = vec_math::exp2_nonpositive(v - shift[j]);
+      std::memcpy(St + c * ld + W * j, &v, sizeof v);
       acc[j] += v;
     }
-  for (int j = 0; j < NJ; ++j) {
-    const vfloat16 a = mo[j] == mx[j] ? vfloat16{} + 1.0f : vec_math::exp2_nonpositive16(mo[j] - shift[j]);
-    vfloat16 lo;
-    std::memcpy(&lo, l + 16 * j, sizeof lo);
+  for (int j = 0; j < NV; ++j) {
+    const V a = mo[j] == mx[j] ? V{} + 1.0f : vec_math::exp2_nonpositive(mo[j] - shift[j]);
+    V lo;
+    std::memcpy(&lo, l + W * j, sizeof lo);
     lo = lo * a + acc[j];
-    std::memcpy(l + 16 * j, &lo, sizeof lo);
-    std::memcpy(m + 16 * j, &mx[j], sizeof mx[j]);
-    std::memcpy(alpha + 16 * j, &a, sizeof a);
+    std::memcpy(l + W * j, &lo, sizeof lo);
+    std::memcpy(m + W * j, &mx[j], sizeof mx[j]);
+    std::memcpy(alpha + W * j, &a, sizeof a);
   }
 }
 
@@ -289,9 +293,9 @@ template <>
 void softmax_tile<float>(float* St, int64_t ld, int64_t cols, int64_t n, float* m, float* l, float* alpha) {
   static_assert(kQueryTile == 48, "softmax_tile<float> handles 1 to 3 vectors of 16 query columns");
   switch (n / 16) {
-    case 1: softmax_tile_float<1>(St, ld, cols, m, l, alpha); break;
-    case 2: softmax_tile_float<2>(St, ld, cols, m, l, alpha); break;
-    default: softmax_tile_float<3>(St, ld, cols, m, l, alpha); break;
+    case 1: softmax_tile_float<16 / vec_math::kNativeLanes>(St, ld, cols, m, l, alpha); break;
+    case 2: softmax_tile_float<32 / vec_math::kNativeLanes>(St, ld, cols, m, l, alpha); break;
+    default: softmax_tile_float<48 / vec_math::kNativeLanes>(St, ld, cols, m, l, alpha); break;
   }
 }
 
@@ -365,15 +369,15 @@ void probabilities_and_dS(T* St, T* dPt, int64_t ld, int64_t cols, int64_t n, co
 template <>
 void probabilities_and_dS<float>(float* St, float* dPt, int64_t ld, int64_t cols, int64_t n, const float* shift,
                                  const float* D, bool with_dS) {
-  using vec_math::vfloat16;
-  for (int64_t r = 0; r < n; r += 16) {
-    vfloat16 sh, dr;
+  using V = vec_math::vnative;
+  for (int64_t r = 0; r < n; r += vec_math::kNativeLanes) {
+    V sh, dr;
     std::memcpy(&sh, shift + r, sizeof sh);
     std::memcpy(&dr, D + r, sizeof dr);
     for (int64_t c = 0; c < cols; ++c) {
-      vfloat16 x, dp;
+      V x, dp;
       std::memcpy(&x, St + c * ld + r, sizeof x);
-      x = vec_math::exp2_nonpositive16(x - sh);  // S - lse: <= 0 up to rounding; -inf and NaN-free with shift +inf
+      x = vec_math::exp2_nonpositive(x - sh);  // S - lse: <= 0 up to rounding; -inf and NaN-free with shift +inf
       std::memcpy(St + c * ld + r, &x, sizeof x);
       if (!with_dS) continue;
       std::memcpy(&dp, dPt + c * ld + r, sizeof dp);

@@ -39,6 +39,16 @@ __attribute__((always_inline)) inline void join_halves(const vfloat8 (&h)[2 * N]
   std::memcpy(v, h, sizeof v);
 }
 
+// The widest vector the build's registers hold, for loops written lane-count generic (AVX2: 8 floats).
+#if defined(__AVX512F__)
+typedef vfloat16 vnative;
+typedef vint16 vinative;
+#else
+typedef vfloat8 vnative;
+typedef vint8 vinative;
+#endif
+constexpr int kNativeLanes = sizeof(vnative) / sizeof(float);
+
 #if !defined(__AVX512F__)
 // e^x for N vectors at once, in place, each step of the computation applied to all N before the next (lockstep):
 // the chains are long (about 40 cycles) and the scheduler holds only a few of them, so independent work placed
@@ -106,17 +116,8 @@ __attribute__((always_inline)) inline V exp2_nonpositive(V t) {
   return p * (V)bits;
 }
 
-__attribute__((always_inline)) inline vfloat16 exp2_nonpositive16(vfloat16 t) {
-#if defined(__AVX512F__)
-  return exp2_nonpositive<vfloat16, vint16>(t);
-#else
-  vfloat16 v[1] = {t};
-  vfloat8 h[2];
-  split_halves(v, h);
-  for (int i = 0; i < 2; ++i) h[i] = exp2_nonpositive<vfloat8, vint8>(h[i]);
-  join_halves(h, v);
-  return v[0];
-#endif
+__attribute__((always_inline)) inline vnative exp2_nonpositive(vnative t) {
+  return exp2_nonpositive<vnative, vinative>(t);
 }
 
 __attribute__((always_inline)) inline vfloat16 abs16(vfloat16 x) {
@@ -366,7 +367,6 @@ inline void transpose16(vfloat16 (&x)[16]) {
 }
 
 // The same for an 8 x 8 block of 8-float vectors (AVX2 registers): three stages.
-typedef float vfloat8 __attribute__((vector_size(32)));
 #define SEQKERNELS_TRANSPOSE8_STAGE(BIT, LO, HI)                      \
   for (int i = 0; i < 8; ++i)                                         \
     if (!(i & BIT)) {                                                 \
@@ -380,6 +380,13 @@ inline void transpose8(vfloat8 (&x)[8]) {
   SEQKERNELS_TRANSPOSE8_STAGE(1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
 }
 #undef SEQKERNELS_TRANSPOSE8_STAGE
+
+// transpose16 or transpose8, by the registers' width (vnative).
+#if defined(__AVX512F__)
+inline void transpose_native(vnative (&x)[16]) { transpose16(x); }
+#else
+inline void transpose_native(vnative (&x)[8]) { transpose8(x); }
+#endif
 #undef SEQKERNELS_TRANSPOSE_STAGE
 #undef SEQKERNELS_LIST
 
