@@ -314,42 +314,41 @@ template <bool kFull>
 inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const float* __restrict__ g, int64_t Jn,
                              int64_t j, int64_t n, float* __restrict__ c, float* __restrict__ h,
                              const RowOut<float>& o) {
-  using vec_math::vfloat16;
-  const int64_t lanes[2] = {n, n - 16};  // elements from each vector's first unit on (<= 0: none)
+  using V = vec_math::vnative;                    // 16 floats with AVX-512, 8 with AVX2
+  constexpr int W = vec_math::kNativeLanes, NV = 32 / W;  // vectors per gate
+  int64_t lanes[NV];  // elements from each vector's first unit on (<= 0: none)
+  for (int u = 0; u < NV; ++u) lanes[u] = n - W * u;
   auto load = [&](const float* p, int u) {
-    vfloat16 v;
-    if (kFull)
-      std::memcpy(&v, p, sizeof v);
-    else
-      v = vec_math::load16(p, lanes[u]);
+    V v{};
+    std::memcpy(&v, p, (kFull ? W : std::clamp<int64_t>(lanes[u], 0, W)) * sizeof(float));
     return v;
   };
-  auto store = [&](float* p, const vfloat16& v, int u) {
-    std::memcpy(p, &v, (kFull ? 16 : std::min<int64_t>(16, lanes[u])) * sizeof(float));
+  auto store = [&](float* p, const V& v, int u) {
+    std::memcpy(p, &v, (kFull ? W : std::clamp<int64_t>(lanes[u], 0, W)) * sizeof(float));
   };
-  auto save = [&](float* p, const vfloat16& v, int u) {
+  auto save = [&](float* p, const V& v, int u) {
     if (kFull && o.stream)
-      vec_math::stream16(p, v);
+      vec_math::stream_native(p, v);
     else
       store(p, v, u);
   };
-  vfloat16 v[8] = {}, cs[2] = {};
-  for (int u = 0; u < 2 && lanes[u] > 0; ++u)
+  V v[4 * NV] = {}, cs[NV] = {};
+  for (int u = 0; u < NV && lanes[u] > 0; ++u)
     for (int k = 0; k < 4; ++k) {
-      const int64_t at = k * Jn + j + 16 * u;
-      v[4 * u + k] = load(g + at, u) + load(bias + k * H + j + 16 * u, u);
+      const int64_t at = k * Jn + j + W * u;
+      v[4 * u + k] = load(g + at, u) + load(bias + k * H + j + W * u, u);
     }
-  vec_math::activate_lockstep<8, vec_math::lstm_gates(2)>(v);
-  for (int u = 0; u < 2 && lanes[u] > 0; ++u) {
-    cs[u] = v[4 * u + 1] * load(c + j + 16 * u, u) + v[4 * u] * v[4 * u + 2];
-    store(c + j + 16 * u, cs[u], u);
+  vec_math::activate_native<4 * NV, vec_math::lstm_gates(NV)>(v);
+  for (int u = 0; u < NV && lanes[u] > 0; ++u) {
+    cs[u] = v[4 * u + 1] * load(c + j + W * u, u) + v[4 * u] * v[4 * u + 2];
+    store(c + j + W * u, cs[u], u);
     if (o.gates) {
-      for (int k = 0; k < 4; ++k) save(o.gates + k * H + j + 16 * u, v[4 * u + k], u);
-      save(o.cells + j + 16 * u, cs[u], u);
+      for (int k = 0; k < 4; ++k) save(o.gates + k * H + j + W * u, v[4 * u + k], u);
+      save(o.cells + j + W * u, cs[u], u);
     }
   }
-  vec_math::activate_lockstep<2, 0b11>(cs);
-  for (int u = 0; u < 2 && lanes[u] > 0; ++u) store(h + j + 16 * u, v[4 * u + 3] * cs[u], u);
+  vec_math::activate_native<NV, (1u << NV) - 1>(cs);
+  for (int u = 0; u < NV && lanes[u] > 0; ++u) store(h + j + W * u, v[4 * u + 3] * cs[u], u);
 }
 
 inline void lstm_units_fwd(const float* __restrict__ bias, int64_t H, float* __restrict__ g, int64_t Jn,

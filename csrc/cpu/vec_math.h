@@ -331,6 +331,16 @@ __attribute__((always_inline)) inline void activate_lockstep(vfloat16 (&v)[N]) {
 #endif
 }
 
+// activate_lockstep on vectors of the registers' width.
+template <int N, uint32_t kTanh>
+__attribute__((always_inline)) inline void activate_native(vnative (&v)[N]) {
+#if defined(__AVX512F__)
+  activate_lockstep<N, kTanh>(v);
+#else
+  activate_halves<N, kTanh>(v);
+#endif
+}
+
 inline vfloat16 sigmoid16(vfloat16 x) {
   vfloat16 v[1] = {x};
   activate_lockstep<1, 0>(v);
@@ -452,7 +462,7 @@ inline void stream_copy(const T* src, T* dst, int64_t n) {
 }
 
 // One vector stored non-temporally at p (64-byte aligned), as stream_copy does; a plain store without AVX-512.
-inline void stream16(float* p, const vfloat16& v) {
+inline void stream_native(float* p, const vnative& v) {
 #if defined(__AVX512F__)
   _mm512_stream_ps(p, (__m512)v);
 #else
