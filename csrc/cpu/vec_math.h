@@ -476,20 +476,24 @@ inline void stream_fence() {
 #endif
 }
 
-// out = sigmoid(in) or tanh(in) (kTanh = 0 or 1 for every element), two vectors in lockstep.
+// out = sigmoid(in) or tanh(in) (kTanh = 0 or 1 for every element), two vectors of the registers' width in
+// lockstep.
 template <uint32_t kTanh>
 inline void activate(const float* in, float* out, int64_t n) {
+  constexpr int64_t W = kNativeLanes;
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    vfloat16 v[2];
+  for (; i + 2 * W <= n; i += 2 * W) {
+    vnative v[2];
     std::memcpy(v, in + i, sizeof v);
-    activate_lockstep<2, kTanh * 3>(v);
+    activate_native<2, kTanh * 3>(v);
     std::memcpy(out + i, v, sizeof v);
   }
-  for (; i < n; i += 16) {
-    vfloat16 v[1] = {load16(in + i, n - i)};
-    activate_lockstep<1, kTanh>(v);
-    std::memcpy(out + i, v, std::min<int64_t>(16, n - i) * sizeof(float));
+  for (; i < n; i += W) {
+    const int64_t m = std::min<int64_t>(W, n - i);
+    vnative v[1] = {};
+    std::memcpy(v, in + i, m * sizeof(float));
+    activate_native<1, kTanh>(v);
+    std::memcpy(out + i, v, m * sizeof(float));
   }
 }
 
