@@ -555,32 +555,36 @@ void attention_backward(const Shape& d, const T* q, const T* k, const T* v, cons
 // D[r] = rowsum(dO * O) for rows [r0, r0 + n), n <= 16, in exactly gemm::dot_like_matmul's order (which is the
 // order in which dP = dO V^T is summed, so D cancels dP exactly where a probability is exactly one). float, 16
 // full rows: the rows side by side in the lanes of one vector, their columns brought together by in-register
-// transposes, so each row's chain of multiply-adds runs as it does in the scalar loop.
+// transposes (of the registers' width: 16 or 8 rows a pass), so each row's chain of multiply-adds runs as it does
+// in the scalar loop.
 template <typename T>
 void row_dots(const T* g, const T* o, int64_t r0, int64_t n, int64_t Ev, T* D) {
   if constexpr (std::is_same_v<T, float>) {
     if (n == 16) {
-      using vec_math::vfloat16;
-      vfloat16 total{}, acc{};
-      for (int64_t e0 = 0; e0 < Ev; e0 += 16) {
-        const int64_t w = std::min<int64_t>(16, Ev - e0);
-        vfloat16 x[16], y[16];
-        for (int i = 0; i < 16; ++i) {
-          x[i] = vec_math::load16(g + (r0 + i) * Ev + e0, w);
-          y[i] = vec_math::load16(o + (r0 + i) * Ev + e0, w);
-        }
-        vec_math::transpose16(x);
-        vec_math::transpose16(y);
-        for (int64_t j = 0; j < w; ++j) {
-          if ((e0 + j) % gemm::kPanel == 0 && e0 + j > 0) {  // a panel ends: add it to the total, as matmul does
-            total = e0 + j == gemm::kPanel ? acc : total + acc;
-            acc = vfloat16{};
+      using V = vec_math::vnative;
+      constexpr int W = vec_math::kNativeLanes;  // rows per pass: the registers' width
+      for (int64_t q0 = r0; q0 < r0 + 16; q0 += W) {
+        V total{}, acc{};
+        for (int64_t e0 = 0; e0 < Ev; e0 += W) {
+          const int64_t w = std::min<int64_t>(W, Ev - e0);
+          V x[W] = {}, y[W] = {};
+          for (int i = 0; i < W; ++i) {
+            std::memcpy(&x[i], g + (q0 + i) * Ev + e0, w * sizeof(float));
+            std::memcpy(&y[i], o + (q0 + i) * Ev + e0, w * sizeof(float));
           }
-          acc += x[j] * y[j];
+          vec_math::transpose_native(x);
+          vec_math::transpose_native(y);
+          for (int64_t j = 0; j < w; ++j) {
+            if ((e0 + j) % gemm::kPanel == 0 && e0 + j > 0) {  // a panel ends: add it to the total, as matmul does
+              total = e0 + j == gemm::kPanel ? acc : total + acc;
+              acc = V{};
+            }
+            acc += x[j] * y[j];
+          }
         }
+        total = Ev <= gemm::kPanel ? acc : total + acc;
+        std::memcpy(D + q0, &total, sizeof total);
       }
-      total = Ev <= gemm::kPanel ? acc : total + acc;
-      std::memcpy(D + r0, &total, sizeof total);
       return;
     }
   }
