@@ -60,19 +60,13 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   return sum;
 }
 
-// float: kRows gate rows at once (one register's floats: 16 with AVX-512, 8 with AVX2), one accumulator
-// register per row over the input then the hidden part, so the accumulators fit in the register file (16 rows of
-// two AVX2 registers each did not: spilled, the step at batch 1, hidden size 128 ran five times slower). The
-// kRows lane partials are summed by one in-register transpose and a tree of adds, instead of a horizontal sum per
-// row.
-#if defined(__AVX512F__)
-using RowsVec = vec_math::vfloat16;
-inline void transpose_rows(RowsVec (&x)[16]) { vec_math::transpose16(x); }
-#else
-using RowsVec = vec_math::vfloat8;
-inline void transpose_rows(RowsVec (&x)[8]) { vec_math::transpose8(x); }
-#endif
-constexpr int kRows = sizeof(RowsVec) / sizeof(float);
+// float: kRows gate rows at once (a register's floats: 16 with AVX-512, 8 with AVX2), one accumulator register
+// per row over the input then the hidden part, so the accumulators fit in the register file (16 rows of two AVX2
+// registers each spilled: the step's binding at batch 1, hidden size 128 took 53 us against 17 on a Zen 3 core).
+// The kRows lane partials are summed by one in-register transpose and a tree of adds, instead of a horizontal sum
+// per row.
+using RowsVec = vec_math::vnative;
+constexpr int kRows = vec_math::kNativeLanes;
 
 inline void add_row_products(const float* v, int64_t n, const float* w, RowsVec (&acc)[kRows]) {
   int64_t k = 0;
@@ -102,7 +96,7 @@ inline RowsVec rows_matvec(const float* x, int64_t I, const float* h, int64_t H,
   RowsVec acc[kRows] = {};
   add_row_products(x, I, w_ih, acc);
   add_row_products(h, H, w_hh, acc);
-  transpose_rows(acc);  // acc[i][j]: lane i's partial of row j
+  vec_math::transpose_native(acc);  // acc[i][j]: lane i's partial of row j
   for (int step = kRows / 2; step >= 1; step /= 2)
     for (int i = 0; i < step; ++i) acc[i] += acc[i + step];
   return acc[0];

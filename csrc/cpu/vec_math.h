@@ -28,8 +28,9 @@ typedef int32_t vint8 __attribute__((vector_size(32)));
 
 // Without AVX-512, comparisons and selects of 16-float vectors are done on their two 8-float halves (vfloat8),
 // AVX's register width: on vfloat16 GCC lowers them to scalar code there (the LSTM's pointwise pass over a step
-// ran ten times slower, 77 against 7.5 us at batch 32 and 128 units on a Zen 3 core). The arithmetic does not
-// depend on the width, so the results are the same either way.
+// took 77 us, against 16-20 us on halves, at batch 32 and 128 units on a Zen 3 core). The arithmetic does not
+// depend on the width, so the results are the same either way. Where the caller's data need not be vfloat16,
+// vnative (below) avoids the round trip: GCC keeps vfloat16 values in memory on AVX2.
 template <int N>
 __attribute__((always_inline)) inline void split_halves(const vfloat16 (&v)[N], vfloat8 (&h)[2 * N]) {
   std::memcpy(h, v, sizeof v);
@@ -274,8 +275,8 @@ constexpr uint32_t spread_bits(uint32_t mask, int q = 0) {
   return q == 16 ? 0u : ((mask >> q & 1u) * (3u << 2 * q)) | spread_bits(mask, q + 1);
 }
 
-// Halves in lockstep at a time: enough independent chains for both FMA ports, few enough to stay in AVX's 16
-// registers.
+// Halves in lockstep at a time: independent chains for both FMA ports, within AVX's 16 registers (2, 3, 6 and 8
+// measured the same as 4, within the noise, on Zen 3).
 constexpr int kHalvesInLockstep = 4;
 
 // activate_lockstep8 over N halves, kHalvesInLockstep at a time, from half G0 on.
