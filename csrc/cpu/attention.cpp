@@ -567,10 +567,10 @@ void row_dots(const T* g, const T* o, int64_t r0, int64_t n, int64_t Ev, T* D) {
         V total{}, acc{};
         for (int64_t e0 = 0; e0 < Ev; e0 += W) {
           const int64_t w = std::min<int64_t>(W, Ev - e0);
-          V x[W] = {}, y[W] = {};
+          V x[W], y[W];
           for (int i = 0; i < W; ++i) {
-            std::memcpy(&x[i], g + (q0 + i) * Ev + e0, w * sizeof(float));
-            std::memcpy(&y[i], o + (q0 + i) * Ev + e0, w * sizeof(float));
+            x[i] = vec_math::load_native(g + (q0 + i) * Ev + e0, w);
+            y[i] = vec_math::load_native(o + (q0 + i) * Ev + e0, w);
           }
           vec_math::transpose_native(x);
           vec_math::transpose_native(y);

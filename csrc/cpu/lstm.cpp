@@ -80,13 +80,8 @@ inline void add_row_products(const float* v, int64_t n, const float* w, RowsVec 
     }
   }
   if (k < n) {  // the last n - k columns, zero-padded
-    RowsVec xv{};
-    std::memcpy(&xv, v + k, (n - k) * sizeof(float));
-    for (int i = 0; i < kRows; ++i) {
-      RowsVec wv{};
-      std::memcpy(&wv, w + i * n + k, (n - k) * sizeof(float));
-      acc[i] += wv * xv;
-    }
+    const RowsVec xv = vec_math::load_native(v + k, n - k);
+    for (int i = 0; i < kRows; ++i) acc[i] += vec_math::load_native(w + i * n + k, n - k) * xv;
   }
 }
 

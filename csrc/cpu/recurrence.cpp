@@ -318,11 +318,7 @@ inline void lstm_units32_fwd(const float* __restrict__ bias, int64_t H, const fl
   constexpr int W = vec_math::kNativeLanes, NV = 32 / W;  // vectors per gate
   int64_t lanes[NV];  // elements from each vector's first unit on (<= 0: none)
   for (int u = 0; u < NV; ++u) lanes[u] = n - W * u;
-  auto load = [&](const float* p, int u) {
-    V v{};
-    std::memcpy(&v, p, (kFull ? W : std::clamp<int64_t>(lanes[u], 0, W)) * sizeof(float));
-    return v;
-  };
+  auto load = [&](const float* p, int u) { return vec_math::load_native(p, kFull ? W : lanes[u]); };
   auto store = [&](float* p, const V& v, int u) {
     std::memcpy(p, &v, (kFull ? W : std::clamp<int64_t>(lanes[u], 0, W)) * sizeof(float));
   };

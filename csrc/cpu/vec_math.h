@@ -359,38 +359,30 @@ inline vfloat16 tanh16(vfloat16 x) {
 // Row i keeps its columns whose bit is clear and takes row i|bit's columns without the bit (LO); row i|bit takes
 // the rest (HI).
 #define SEQKERNELS_LIST(...) __VA_ARGS__
-#define SEQKERNELS_TRANSPOSE_STAGE(BIT, LO, HI)                       \
-  for (int i = 0; i < 16; ++i)                                        \
+#define SEQKERNELS_TRANSPOSE_STAGE(V, N, BIT, LO, HI)                 \
+  for (int i = 0; i < N; ++i)                                         \
     if (!(i & BIT)) {                                                 \
-      const vfloat16 a = x[i], b = x[i | BIT];                        \
+      const V a = x[i], b = x[i | BIT];                               \
       x[i] = __builtin_shufflevector(a, b, SEQKERNELS_LIST LO);       \
       x[i | BIT] = __builtin_shufflevector(a, b, SEQKERNELS_LIST HI); \
     }
 inline void transpose16(vfloat16 (&x)[16]) {
-  SEQKERNELS_TRANSPOSE_STAGE(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat16, 16, 8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
                              (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-  SEQKERNELS_TRANSPOSE_STAGE(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat16, 16, 4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
                              (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
-  SEQKERNELS_TRANSPOSE_STAGE(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat16, 16, 2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
                              (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
-  SEQKERNELS_TRANSPOSE_STAGE(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat16, 16, 1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
                              (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
 }
 
 // The same for an 8 x 8 block of 8-float vectors (AVX2 registers): three stages.
-#define SEQKERNELS_TRANSPOSE8_STAGE(BIT, LO, HI)                      \
-  for (int i = 0; i < 8; ++i)                                         \
-    if (!(i & BIT)) {                                                 \
-      const vfloat8 a = x[i], b = x[i | BIT];                         \
-      x[i] = __builtin_shufflevector(a, b, SEQKERNELS_LIST LO);       \
-      x[i | BIT] = __builtin_shufflevector(a, b, SEQKERNELS_LIST HI); \
-    }
 inline void transpose8(vfloat8 (&x)[8]) {
-  SEQKERNELS_TRANSPOSE8_STAGE(4, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
-  SEQKERNELS_TRANSPOSE8_STAGE(2, (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
-  SEQKERNELS_TRANSPOSE8_STAGE(1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat8, 8, 4, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat8, 8, 2, (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15))
+  SEQKERNELS_TRANSPOSE_STAGE(vfloat8, 8, 1, (0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15))
 }
-#undef SEQKERNELS_TRANSPOSE8_STAGE
 
 // transpose16 or transpose8, by the registers' width (vnative).
 #if defined(__AVX512F__)
@@ -438,6 +430,13 @@ inline vfloat16 load16(const float* p, int64_t n) {
     std::memcpy(&v, p, sizeof v);
   else
     std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+// The first n floats at p (clamped to [0, kNativeLanes]), zero-padded to a vector of the registers' width.
+inline vnative load_native(const float* p, int64_t n) {
+  vnative v{};
+  std::memcpy(&v, p, std::clamp<int64_t>(n, 0, kNativeLanes) * sizeof(float));
   return v;
 }
 
@@ -490,11 +489,9 @@ inline void activate(const float* in, float* out, int64_t n) {
     std::memcpy(out + i, v, sizeof v);
   }
   for (; i < n; i += W) {
-    const int64_t m = std::min<int64_t>(W, n - i);
-    vnative v[1] = {};
-    std::memcpy(v, in + i, m * sizeof(float));
+    vnative v[1] = {load_native(in + i, n - i)};
     activate_native<1, kTanh>(v);
-    std::memcpy(out + i, v, m * sizeof(float));
+    std::memcpy(out + i, v, std::min<int64_t>(W, n - i) * sizeof(float));
   }
 }
 
