@@ -18,6 +18,8 @@ from conftest import assert_close64, assert_error_rule, num_threads
 # hidden sizes that split across threads with a partial vector at the end (40 = 32 + 8), projections whose
 # columns are split too, a step too small to thread, and ragged sequences of 199 rows: the forward computes its
 # input projection in chunks of 128 rows, so this one takes two chunks of different steps in each direction.
+# Sequences of one length in a batch of 17 split the batch between threads instead (row groups of 8 and 9 rows
+# with two threads, each over all 40 units).
 CASES = [
     ([1], 3, 5, 0),
     ([4, 4, 4], 3, 5, 2),
@@ -28,6 +30,7 @@ CASES = [
     ([6, 3, 3, 1], 5, 33, 17),
     ([60, 50, 50, 31, 7, 1], 6, 40, 0),
     ([60, 50, 50, 31, 7, 1], 6, 40, 24),
+    ([5] * 17, 6, 40, 0),
 ]
 
 
@@ -174,8 +177,9 @@ def test_reference_layer_matches_torch_lstm_on_packed_sequences():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
-def test_results_are_reproducible_and_thread_count_independent(kind):
-    args, bs = make_layer(kind, [30] * 8, 32, 64, 0, torch.float32)
+@pytest.mark.parametrize("batch", [8, 17])  # 17: row groups (see CASES)
+def test_results_are_reproducible_and_thread_count_independent(kind, batch):
+    args, bs = make_layer(kind, [30] * batch, 32, 64, 0, torch.float32)
     args = [a.detach() if a is not None else None for a in args]
     with torch.no_grad(), seqkernels.use_backend("cpu"):
         first = call(kind, args, bs, False)

@@ -16,7 +16,8 @@
 // (written straight into the step's output rows, which the next step reads) through a step counter and starts
 // the next step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags);
 // with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward whose weights
-// outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward").
+// outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward"). Sequences of one length
+// split the batch between the threads instead of the units, forward and backward (row_groups).
 //
 // Backward: per step (in reverse processing order) the gate gradients of each thread's units, summed into their
 // bias gradient as they are written (BiasGrad), then dh_{t-1} = dG_t @ W_hh split by columns. Without a projection
@@ -71,6 +72,7 @@ using gemm::round_up;
 struct Schedule {
   int64_t T = 0, B = 0, N = 0;
   bool reverse = false;
+  bool contiguous = true;        // the rows of consecutive steps follow each other (not in a row group's)
   std::vector<int64_t> bs, off;  // per time index t: active rows, offset of the step's first row
 
   // Time index of the s-th step in forward processing order.
@@ -87,6 +89,18 @@ struct Schedule {
   int64_t prev_row(int64_t t, int64_t b) const {
     if (!reverse) return t > 0 ? off[t - 1] + b : -1;
     return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
+  }
+  // Rows [r0, r1) of every step as a batch of their own (a row group, see row_groups): row b of its step t is
+  // row r0 + b of this schedule's, at the same packed row, so outputs and saves keep their places.
+  Schedule rows(int64_t r0, int64_t r1) const {
+    Schedule g = *this;
+    g.B = r1 - r0;
+    g.contiguous = r0 == 0 && r1 == B;
+    for (int64_t t = 0; t < T; ++t) {
+      g.bs[t] = std::clamp<int64_t>(bs[t] - r0, 0, r1 - r0);
+      g.off[t] = off[t] + r0;
+    }
+    return g;
   }
 };
 
@@ -407,7 +421,8 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 // the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
 // and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk
 // is at rows(r), its gate columns in the layout of the thread's recurrent sums, which each step adds in place (so
-// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two).
+// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two). A row
+// group's schedule (not contiguous from step to step) gets one step per chunk.
 template <typename T>
 class InputProjection {
  public:
@@ -415,7 +430,7 @@ class InputProjection {
 
   template <typename RowOf>
   InputProjection(const Schedule& S, const T* x, const T* w_ih, int64_t I, int64_t cols, RowOf row_of, int64_t ldg)
-      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(std::max(S.B, kChunkRows)) {
+      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(S.contiguous ? std::max(S.B, kChunkRows) : S.B) {
     w_ = pack_transposed(w_ih, I, cols, row_of, I, ldg, cap_);
     buf_.resize(cap_ * ldg);
   }
@@ -428,7 +443,7 @@ class InputProjection {
       return r1 - r0;
     };
     int64_t s1 = s + 1;
-    while (s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
+    while (S_.contiguous && s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
     r0_ = S_.rows_of_steps(s, s1).first;
     w_.matmul(rows_until(s1), 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
     next_ = s1;
@@ -469,6 +484,49 @@ inline void wait_all(const StepFlags& flags, int team, int64_t steps) {
   for (int u = 0; u < team; ++u) flags.wait(u, steps);
 }
 
+// Row groups: the batch split between the threads, each running the recurrence of its own rows over every unit
+// alone (a team of one), so that no step waits for another core's part of h or of the gate gradients. Used for
+// sequences of one length without a projection, with kRowsPerGroup rows a thread or more; returns the groups' row
+// bounds (team + 1 of them), or nothing where the team splits the units instead. A group's rows of consecutive
+// steps are not contiguous, so its input projection is a GEMM per step rather than per chunk of steps.
+//
+// On the 2-core Zen 4 VM of the README the two cores' round trip through a shared cache line takes about 80 ns in
+// some spells and 330-390 ns in others (the VM's cores on different parts of the host's chip, it seems). In the
+// slow spells the unit split's per-step exchange made the batch-32 training step 15-17% slower (76 against 65-66
+// ms), where torch's got 6% slower; with row groups it took 66-68 ms in those spells (two one-thread layers
+// side by side), and 1.5-2% less than the unit split in the fast ones (64.0-64.7 against 65.3-66.6 ms), with
+// inference as fast (20.4-20.9 ms both). For packed sequences of different lengths the per-step projections of
+// the shrinking steps cost more than the exchange saves in fast spells (batch 32: 13.2-13.3 against 12.3-12.7
+// ms), so those keep the unit split.
+constexpr int64_t kRowsPerGroup = 8;
+
+std::vector<int64_t> row_groups(const Schedule& S, int team, bool proj) {
+  if (proj || team < 2 || S.B < kRowsPerGroup * team || S.N != S.T * S.B) return {};
+  std::vector<int64_t> bounds(team + 1);
+  for (int g = 0; g <= team; ++g) bounds[g] = S.B * g / team;
+  return bounds;
+}
+
+// Runs layer(schedule, first_row, team, group) once per row group, in parallel, each as a team of one; or, where
+// row_groups declines, once over the whole batch (first row 0, group 0) with the units split across `team`.
+template <typename Layer>
+void run_layer(const Schedule& S, int team, bool proj, Layer layer) {
+  const std::vector<int64_t> bounds = row_groups(S, team, proj);
+  if (bounds.empty()) return layer(S, int64_t{0}, team, 0);
+  const int groups = static_cast<int>(bounds.size()) - 1;
+#pragma omp parallel num_threads(groups)
+  for (int g = omp_get_thread_num(); g < groups; g += omp_get_num_threads())
+    layer(S.rows(bounds[g], bounds[g + 1]), bounds[g], 1, g);
+}
+
+// A bias gradient from per-group parts (`groups` rows of n), summed in group order.
+template <typename T>
+void sum_parts(const std::vector<T>& parts, int groups, int64_t n, T* out) {
+  std::copy(parts.begin(), parts.begin() + n, out);
+  for (int g = 1; g < groups; ++g)
+    for (int64_t j = 0; j < n; ++j) out[j] += parts[g * n + j];
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // LSTM forward
 
@@ -490,13 +548,12 @@ struct LstmFwd {
 };
 
 template <typename T>
-void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
+void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t H = a.H, P = a.P, B = S.B;
   const bool proj = a.w_hr != nullptr;
   // h state: with a projection a double buffer, without one the output rows (previous_outputs)
   gemm::Buffer<T> hbuf = double_buffer(a.h0, proj ? B * P : 0), cbuf(a.c0, a.c0 + B * H), htilde(proj ? B * H : 0);
-  const int team = team_size(4, H, P, B);
   auto aligned = [](const T* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
   const bool stream = a.gates && aligned(a.gates) && aligned(a.cells) && H % (64 / sizeof(T)) == 0;
   StepBarrier barrier;
@@ -565,6 +622,18 @@ void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
     }
     vec_math::stream_fence();  // the saved gates and cells, before the backward reads them
   }
+}
+
+template <typename T>
+void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
+  run_layer(S, team_size(4, a.H, a.P, S.B), a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int team, int) {
+    LstmFwd<T> ag = a;
+    ag.h0 += r0 * a.P;
+    ag.c0 += r0 * a.H;
+    ag.h_n += r0 * a.P;
+    ag.c_n += r0 * a.H;
+    lstm_forward_team(Sg, ag, team);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -638,7 +707,7 @@ struct LstmBwd {
 };
 
 template <typename T>
-void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
+void lstm_backward_team(const Schedule& S, const LstmBwd<T>& a, int team) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t H = a.H, P = a.P, B = S.B, T_ = S.T;
   const bool proj = a.w_hr != nullptr;
@@ -653,7 +722,6 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
       if (proj) std::copy(dh, dh + P, a.DH + (S.off[t0] + b) * P);
     }
   }
-  const int team = team_size(4, H, P, B);
   StepBarrier barrier;
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
@@ -742,15 +810,32 @@ void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   std::copy(dcbuf.begin(), dcbuf.end(), a.grad_c0);
 }
 
+template <typename T>
+void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
+  const int team = team_size(4, a.H, a.P, S.B);
+  const int groups = std::max<int>(1, static_cast<int>(row_groups(S, team, a.w_hr != nullptr).size()) - 1);
+  std::vector<T> bias_parts(groups > 1 ? groups * 4 * a.H : 0);  // each row group's bias gradient
+  run_layer(S, team, a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+    LstmBwd<T> ag = a;
+    ag.grad_hn += r0 * a.P;
+    ag.grad_cn += r0 * a.H;
+    ag.c0 += r0 * a.H;
+    ag.grad_h0 += r0 * a.P;
+    ag.grad_c0 += r0 * a.H;
+    if (groups > 1) ag.grad_bias = bias_parts.data() + g * 4 * a.H;
+    lstm_backward_team(Sg, ag, tm);
+  });
+  if (groups > 1) sum_parts(bias_parts, groups, 4 * a.H, a.grad_bias);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // RNN forward and backward (one gate, P = H)
 
 template <typename T>
-void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const T* bias, const T* w_hh, const T* h0,
-                 bool relu, T* out, T* h_n, int64_t H) {
+void rnn_forward_team(const Schedule& S, const T* x, const T* w_ih, int64_t I, const T* bias, const T* w_hh,
+                      const T* h0, bool relu, T* out, T* h_n, int64_t H, int team) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
-  const int team = team_size(1, H, H, B);
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
@@ -780,8 +865,16 @@ void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const 
 }
 
 template <typename T>
-void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh,
-                  bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H) {
+void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const T* bias, const T* w_hh, const T* h0,
+                 bool relu, T* out, T* h_n, int64_t H) {
+  run_layer(S, team_size(1, H, H, S.B), false, [&](const Schedule& Sg, int64_t r0, int team, int) {
+    rnn_forward_team(Sg, x, w_ih, I, bias, w_hh, h0 + r0 * H, relu, out, h_n + r0 * H, H, team);
+  });
+}
+
+template <typename T>
+void rnn_backward_team(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out,
+                       const T* w_hh, bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H, int team) {
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B, T_ = S.T;
   auto t_bwd = [&](int64_t s) { return S.t_of(T_ - 1 - s); };
@@ -793,7 +886,6 @@ void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_
       grad_out.add_to(S.off[t0] + b, 0, H, dh, dh);
     }
   }
-  const int team = team_size(1, H, H, B);
   StepFlags flags(team);
 #pragma omp parallel num_threads(team)
   {
@@ -836,6 +928,19 @@ void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_
     }
     db.store(grad_bias + J.begin);
   }
+}
+
+template <typename T>
+void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh,
+                  bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H) {
+  const int team = team_size(1, H, H, S.B);
+  const int groups = std::max<int>(1, static_cast<int>(row_groups(S, team, false).size()) - 1);
+  std::vector<T> bias_parts(groups > 1 ? groups * H : 0);  // each row group's bias gradient
+  run_layer(S, team, false, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+    rnn_backward_team(Sg, grad_out, grad_hn + r0 * H, out, w_hh, relu, dG, grad_h0 + r0 * H,
+                      groups > 1 ? bias_parts.data() + g * H : grad_bias, H, tm);
+  });
+  if (groups > 1) sum_parts(bias_parts, groups, H, grad_bias);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
