@@ -509,14 +509,19 @@ std::vector<int64_t> row_groups(const Schedule& S, int team, bool proj) {
 
 // Runs layer(schedule, first_row, team, group) once per row group, in parallel, each as a team of one; or, where
 // row_groups declines, once over the whole batch (first row 0, group 0) with the units split across `team`.
+// Returns the number of groups run (at most `team`).
 template <typename Layer>
-void run_layer(const Schedule& S, int team, bool proj, Layer layer) {
+int run_layer(const Schedule& S, int team, bool proj, Layer layer) {
   const std::vector<int64_t> bounds = row_groups(S, team, proj);
-  if (bounds.empty()) return layer(S, int64_t{0}, team, 0);
+  if (bounds.empty()) {
+    layer(S, int64_t{0}, team, 0);
+    return 1;
+  }
   const int groups = static_cast<int>(bounds.size()) - 1;
 #pragma omp parallel num_threads(groups)
   for (int g = omp_get_thread_num(); g < groups; g += omp_get_num_threads())
     layer(S.rows(bounds[g], bounds[g + 1]), bounds[g], 1, g);
+  return groups;
 }
 
 // A bias gradient from per-group parts (`groups` rows of n), summed in group order.
@@ -813,19 +818,18 @@ void lstm_backward_team(const Schedule& S, const LstmBwd<T>& a, int team) {
 template <typename T>
 void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   const int team = team_size(4, a.H, a.P, S.B);
-  const int groups = std::max<int>(1, static_cast<int>(row_groups(S, team, a.w_hr != nullptr).size()) - 1);
-  std::vector<T> bias_parts(groups > 1 ? groups * 4 * a.H : 0);  // each row group's bias gradient
-  run_layer(S, team, a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+  std::vector<T> bias_parts(team * 4 * a.H);  // each row group's bias gradient (the whole batch's in the first)
+  const int groups = run_layer(S, team, a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
     LstmBwd<T> ag = a;
     ag.grad_hn += r0 * a.P;
     ag.grad_cn += r0 * a.H;
     ag.c0 += r0 * a.H;
     ag.grad_h0 += r0 * a.P;
     ag.grad_c0 += r0 * a.H;
-    if (groups > 1) ag.grad_bias = bias_parts.data() + g * 4 * a.H;
+    ag.grad_bias = bias_parts.data() + g * 4 * a.H;
     lstm_backward_team(Sg, ag, tm);
   });
-  if (groups > 1) sum_parts(bias_parts, groups, 4 * a.H, a.grad_bias);
+  sum_parts(bias_parts, groups, 4 * a.H, a.grad_bias);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -934,13 +938,12 @@ template <typename T>
 void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_hn, const T* out, const T* w_hh,
                   bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H) {
   const int team = team_size(1, H, H, S.B);
-  const int groups = std::max<int>(1, static_cast<int>(row_groups(S, team, false).size()) - 1);
-  std::vector<T> bias_parts(groups > 1 ? groups * H : 0);  // each row group's bias gradient
-  run_layer(S, team, false, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+  std::vector<T> bias_parts(team * H);  // each row group's bias gradient (the whole batch's in the first)
+  const int groups = run_layer(S, team, false, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
     rnn_backward_team(Sg, grad_out, grad_hn + r0 * H, out, w_hh, relu, dG, grad_h0 + r0 * H,
-                      groups > 1 ? bias_parts.data() + g * H : grad_bias, H, tm);
+                      bias_parts.data() + g * H, H, tm);
   });
-  if (groups > 1) sum_parts(bias_parts, groups, H, grad_bias);
+  sum_parts(bias_parts, groups, H, grad_bias);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
