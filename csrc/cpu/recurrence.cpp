@@ -498,10 +498,30 @@ inline void wait_all(const StepFlags& flags, int team, int64_t steps) {
 // inference as fast (20.4-20.9 ms both). For packed sequences of different lengths the per-step projections of
 // the shrinking steps cost more than the exchange saves in fast spells (batch 32: 13.2-13.3 against 12.3-12.7
 // ms), so those keep the unit split.
+//
+// A row group reads all of the layer's weights every step, where the unit split reads a slice of 1/team of them.
+// Where that slice fits in a core's L2 and the whole does not, the unit split wins: on an Intel AVX-512 VM (2 MiB
+// of L2 a core, a fast round trip) row groups made the batch-32 LSTM at hidden size 256 (2 MiB of W_ih and W_hh)
+// 27% slower in inference (20.7 against 16.2 ms) and 11% in training (59.1 against 53.4), each streaming its
+// weights from L3, where the unit split's halves stay in L2; the RNN (512 KiB) was 9% faster with row groups
+// (4.3 against 4.8 ms). `weight_bytes` is the size of the weights a step reads.
 constexpr int64_t kRowsPerGroup = 8;
 
-std::vector<int64_t> row_groups(const Schedule& S, int team, bool proj) {
+// The size of one core's L2 cache (2 MiB if the system does not say).
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{2} << 20;
+  }();
+  return bytes;
+}
+
+// Whether `bytes` of weights stay in a core's L2 (3/4 of it, leaving room for the step's other rows).
+bool fits_l2(int64_t bytes) { return 4 * bytes <= 3 * l2_cache_bytes(); }
+
+std::vector<int64_t> row_groups(const Schedule& S, int team, bool proj, int64_t weight_bytes) {
   if (proj || team < 2 || S.B < kRowsPerGroup * team || S.N != S.T * S.B) return {};
+  if (fits_l2(weight_bytes / team) && !fits_l2(weight_bytes)) return {};
   std::vector<int64_t> bounds(team + 1);
   for (int g = 0; g <= team; ++g) bounds[g] = S.B * g / team;
   return bounds;
@@ -511,8 +531,8 @@ std::vector<int64_t> row_groups(const Schedule& S, int team, bool proj) {
 // row_groups declines, once over the whole batch (first row 0, group 0) with the units split across `team`.
 // Returns the number of groups run (at most `team`).
 template <typename Layer>
-int run_layer(const Schedule& S, int team, bool proj, Layer layer) {
-  const std::vector<int64_t> bounds = row_groups(S, team, proj);
+int run_layer(const Schedule& S, int team, bool proj, int64_t weight_bytes, Layer layer) {
+  const std::vector<int64_t> bounds = row_groups(S, team, proj, weight_bytes);
   if (bounds.empty()) {
     layer(S, int64_t{0}, team, 0);
     return 1;
@@ -631,13 +651,15 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
 
 template <typename T>
 void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
-  run_layer(S, team_size(4, a.H, a.P, S.B), a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int team, int) {
+  const int64_t weight_bytes = 4 * a.H * (a.I + a.P) * static_cast<int64_t>(sizeof(T));  // W_ih, W_hh
+  const int team = team_size(4, a.H, a.P, S.B);
+  run_layer(S, team, a.w_hr != nullptr, weight_bytes, [&](const Schedule& Sg, int64_t r0, int tm, int) {
     LstmFwd<T> ag = a;
     ag.h0 += r0 * a.P;
     ag.c0 += r0 * a.H;
     ag.h_n += r0 * a.P;
     ag.c_n += r0 * a.H;
-    lstm_forward_team(Sg, ag, team);
+    lstm_forward_team(Sg, ag, tm);
   });
 }
 
@@ -819,7 +841,9 @@ template <typename T>
 void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   const int team = team_size(4, a.H, a.P, S.B);
   std::vector<T> bias_parts(team * 4 * a.H);  // each row group's bias gradient (the whole batch's in the first)
-  const int groups = run_layer(S, team, a.w_hr != nullptr, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+  const int64_t weight_bytes = 4 * a.H * (a.I + a.P) * static_cast<int64_t>(sizeof(T));  // W_ih, W_hh
+  const bool proj = a.w_hr != nullptr;
+  const int groups = run_layer(S, team, proj, weight_bytes, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
     LstmBwd<T> ag = a;
     ag.grad_hn += r0 * a.P;
     ag.grad_cn += r0 * a.H;
@@ -871,7 +895,8 @@ void rnn_forward_team(const Schedule& S, const T* x, const T* w_ih, int64_t I, c
 template <typename T>
 void rnn_forward(const Schedule& S, const T* x, const T* w_ih, int64_t I, const T* bias, const T* w_hh, const T* h0,
                  bool relu, T* out, T* h_n, int64_t H) {
-  run_layer(S, team_size(1, H, H, S.B), false, [&](const Schedule& Sg, int64_t r0, int team, int) {
+  const int64_t weight_bytes = H * (I + H) * static_cast<int64_t>(sizeof(T));  // W_ih, W_hh
+  run_layer(S, team_size(1, H, H, S.B), false, weight_bytes, [&](const Schedule& Sg, int64_t r0, int team, int) {
     rnn_forward_team(Sg, x, w_ih, I, bias, w_hh, h0 + r0 * H, relu, out, h_n + r0 * H, H, team);
   });
 }
@@ -939,7 +964,8 @@ void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_
                   bool relu, T* dG, T* grad_h0, T* grad_bias, int64_t H) {
   const int team = team_size(1, H, H, S.B);
   std::vector<T> bias_parts(team * H);  // each row group's bias gradient (the whole batch's in the first)
-  const int groups = run_layer(S, team, false, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
+  const int64_t weight_bytes = H * H * static_cast<int64_t>(sizeof(T));  // W_hh (grad_input is a GEMM afterwards)
+  const int groups = run_layer(S, team, false, weight_bytes, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
     rnn_backward_team(Sg, grad_out, grad_hn + r0 * H, out, w_hh, relu, dG, grad_h0 + r0 * H,
                       bias_parts.data() + g * H, H, tm);
   });
@@ -966,15 +992,6 @@ void rnn_backward(const Schedule& S, const GradRows<T>& grad_out, const T* grad_
 // each thread's partial sums wait in the projection buffer between them.
 
 constexpr int64_t kLanes = 16;
-
-// The size of one core's L2 cache (2 MiB if the system does not say).
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t{2} << 20;
-  }();
-  return bytes;
-}
 
 // Whether a forward takes the batch-in-lanes path: float without a projection; a thread's slices of W_ih and
 // W_hh larger than its L2 (see above); every sequence as long as the first (a PackedSequence's tail of shorter
