@@ -4,20 +4,25 @@
 //
 // Goto's blocking around gemm_kernel.h's micro-kernels. Every B is packed once, in full, by the whole team (each
 // column block's K rows contiguous, as PackedB does); then each thread takes a contiguous range of C's rows and
-// walks it in blocks of kBlockRows rows, packing each block's A panel by panel (kRowBlock rows, k-major: the
-// micro-kernel's broadcasts read one sequential stream) for each K panel of kPackedPanel, and multiplying it into
-// every column block of every B. A thread's block of C stays in its L2 for all K panels, A's panel in L1, and B is
-// read from L2 or L3, where it stays while every block of C uses it. Sharing A between several B saves packing it
+// walks it in blocks of rows (block_rows: as many as keep the block of C in half of a core's L2), packing each
+// block's A panel by panel (kRowBlock rows, k-major: the micro-kernel's broadcasts read one sequential stream) for
+// each K panel of kGradPanel, and multiplying it into every column block of every B. A thread's block of C stays
+// in its L2 for all K panels, a column block's K panel of B (kGradPanel x 3 vectors: 24 KiB for float with
+// AVX-512) in L1 while every row panel of the block uses it, and B is read from L3 once per block of C. On an
+// Intel AVX-512 core (48 KiB of L1, 2 MiB of L2) panels of 256 (48 KiB of B, the whole L1) and blocks of 128 rows
+// made an LSTM's weight gradients at batch 32, sizes 256, about 2 ms slower (the backward 40.7-41.3 ms against
+// 38.8-38.9, alternating in one process; 256-row blocks 38.9-39.7); MKL took 15.7-16.6 ms for the product. Sharing A between several B saves packing it
 // twice: grad_w_ih and grad_w_hh are one product of dG^T with [x | h_prev]. At batch 32, 128 steps, sizes 256
-// (two Zen 4 cores): an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the
+// (two Zen 4 cores, with panels of 256 and blocks of 128 rows): an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the
 // cores' FMA peak, where torch's BLAS (MKL) took 11.5 and 23.6 ms for the same products; the micro-kernel alone
 // reaches the peak, and packing A and B takes most of the rest (their sources come from memory).
 //
-// Each C element is summed in kPackedPanel-long multiply-add chains, the chains added in K order, whatever the
+// Each C element is summed in kGradPanel-long multiply-add chains, the chains added in K order, whatever the
 // thread count: the result is bitwise reproducible and does not depend on the team.
 #pragma once
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -41,9 +46,27 @@ struct Operand {
   int64_t ldc;
 };
 
+// The size of one core's L2 cache (2 MiB if the system does not say).
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{2} << 20;
+  }();
+  return bytes;
+}
+
 namespace detail {
 
-constexpr int64_t kBlockRows = 16 * kRowBlock;  // rows of C per block: 128 with AVX-512
+constexpr int64_t kGradPanel = 128;             // K panel (see the top of the file)
+constexpr int64_t kBlockRows = 16 * kRowBlock;  // the fewest rows of C per block: 128 with AVX-512
+
+// Rows of C per block: a multiple of kBlockRows (at least one) whose C rows of `cols` elements fill at most half
+// of a core's L2.
+template <typename T>
+int64_t block_rows(int64_t cols) {
+  const int64_t fit = gemm::l2_cache_bytes() / 2 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T)));
+  return std::max<int64_t>(1, fit / kBlockRows) * kBlockRows;
+}
 
 // Where each operand starts in the packed buffer, and (last) the buffer's size: K rows of round_up(n, lanes) each.
 template <typename T>
@@ -149,7 +172,7 @@ int64_t packed_size(const std::vector<Operand<T>>& ops, int64_t K) {
 template <typename T>
 void parallel_matmul(int64_t M, int64_t K, const T* A, int64_t lda, bool a_transposed,
                      const std::vector<Operand<T>>& ops, T* pack, int threads) {
-  constexpr int64_t L = lanes<T>(), MR = kRowBlock, MC = detail::kBlockRows;
+  constexpr int64_t L = lanes<T>(), MR = kRowBlock, KC = detail::kGradPanel;
   if (M == 0) return;
   if (K == 0) {
     for (const auto& op : ops)
@@ -157,6 +180,9 @@ void parallel_matmul(int64_t M, int64_t K, const T* A, int64_t lda, bool a_trans
     return;
   }
   detail::PackedOperands<T> packed(ops, K, pack);
+  int64_t cols = 0;
+  for (const auto& op : ops) cols += round_up(op.n, L);
+  const int64_t MC = detail::block_rows<T>(cols);
   const int team = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (M + MR - 1) / MR)));
 #pragma omp parallel num_threads(team)
   {
@@ -165,11 +191,11 @@ void parallel_matmul(int64_t M, int64_t K, const T* A, int64_t lda, bool a_trans
 #pragma omp barrier
     const int64_t panels = (M + MR - 1) / MR;
     const int64_t m_begin = std::min(M, panels * tid / nt * MR), m_end = std::min(M, panels * (tid + 1) / nt * MR);
-    UninitBuffer<T> ap(MC * std::min(K, kPackedPanel));
+    UninitBuffer<T> ap(round_up(std::min(MC, m_end - m_begin), MR) * std::min(K, KC));  // whole panels of MR rows
     for (int64_t ic = m_begin; ic < m_end; ic += MC) {
       const int64_t mn = std::min(MC, m_end - ic);
-      for (int64_t pc = 0; pc < K; pc += kPackedPanel) {
-        const int64_t kn = std::min(kPackedPanel, K - pc);
+      for (int64_t pc = 0; pc < K; pc += KC) {
+        const int64_t kn = std::min(KC, K - pc);
         if (a_transposed)
           detail::pack_a<T, true>(A, lda, ic, mn, pc, kn, ap.data());
         else

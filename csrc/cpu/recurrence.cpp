@@ -507,14 +507,7 @@ inline void wait_all(const StepFlags& flags, int team, int64_t steps) {
 // (4.3 against 4.8 ms). `weight_bytes` is the size of the weights a step reads.
 constexpr int64_t kRowsPerGroup = 8;
 
-// The size of one core's L2 cache (2 MiB if the system does not say).
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t{2} << 20;
-  }();
-  return bytes;
-}
+using gemm::l2_cache_bytes;
 
 // Whether `bytes` of weights stay in a core's L2 (3/4 of it, leaving room for the step's other rows).
 bool fits_l2(int64_t bytes) { return 4 * bytes <= 3 * l2_cache_bytes(); }
