@@ -11,11 +11,12 @@
 // AVX-512) in L1 while every row panel of the block uses it, and B is read from L3 once per block of C. On an
 // Intel AVX-512 core (48 KiB of L1, 2 MiB of L2) panels of 256 (48 KiB of B, the whole L1) and blocks of 128 rows
 // made an LSTM's weight gradients at batch 32, sizes 256, about 2 ms slower (the backward 40.7-41.3 ms against
-// 38.8-38.9, alternating in one process; 256-row blocks 38.9-39.7); MKL took 15.7-16.6 ms for the product. Sharing A between several B saves packing it
-// twice: grad_w_ih and grad_w_hh are one product of dG^T with [x | h_prev]. At batch 32, 128 steps, sizes 256
-// (two Zen 4 cores, with panels of 256 and blocks of 128 rows): an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the
-// cores' FMA peak, where torch's BLAS (MKL) took 11.5 and 23.6 ms for the same products; the micro-kernel alone
-// reaches the peak, and packing A and B takes most of the rest (their sources come from memory).
+// 38.8-38.9, alternating in one process; 256-row blocks 38.9-39.7); MKL took 15.7-16.6 ms for the product.
+// Sharing A between several B saves packing it twice: grad_w_ih and grad_w_hh are one product of dG^T with
+// [x | h_prev]. At batch 32, 128 steps, sizes 256 (two Zen 4 cores, with panels of 256 and blocks of 128 rows):
+// an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the cores' FMA peak,
+// where torch's BLAS (MKL) took 11.5 and 23.6 ms for the same products; the micro-kernel alone reaches the peak,
+// and packing A and B takes most of the rest (their sources come from memory).
 //
 // Each C element is summed in kGradPanel-long multiply-add chains, the chains added in K order, whatever the
 // thread count: the result is bitwise reproducible and does not depend on the team.

@@ -42,7 +42,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <unistd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -642,9 +641,15 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
   }
 }
 
+// The bytes of W_ih and W_hh, which every step of an LSTM layer reads, forward and backward (run_layer).
+template <typename T>
+int64_t lstm_weight_bytes(int64_t H, int64_t I, int64_t P) {
+  return 4 * H * (I + P) * static_cast<int64_t>(sizeof(T));
+}
+
 template <typename T>
 void lstm_forward(const Schedule& S, const LstmFwd<T>& a) {
-  const int64_t weight_bytes = 4 * a.H * (a.I + a.P) * static_cast<int64_t>(sizeof(T));  // W_ih, W_hh
+  const int64_t weight_bytes = lstm_weight_bytes<T>(a.H, a.I, a.P);
   const int team = team_size(4, a.H, a.P, S.B);
   run_layer(S, team, a.w_hr != nullptr, weight_bytes, [&](const Schedule& Sg, int64_t r0, int tm, int) {
     LstmFwd<T> ag = a;
@@ -834,7 +839,7 @@ template <typename T>
 void lstm_backward(const Schedule& S, const LstmBwd<T>& a) {
   const int team = team_size(4, a.H, a.P, S.B);
   std::vector<T> bias_parts(team * 4 * a.H);  // each row group's bias gradient (the whole batch's in the first)
-  const int64_t weight_bytes = 4 * a.H * (a.I + a.P) * static_cast<int64_t>(sizeof(T));  // W_ih, W_hh
+  const int64_t weight_bytes = lstm_weight_bytes<T>(a.H, a.I, a.P);
   const bool proj = a.w_hr != nullptr;
   const int groups = run_layer(S, team, proj, weight_bytes, [&](const Schedule& Sg, int64_t r0, int tm, int g) {
     LstmBwd<T> ag = a;
