@@ -3,9 +3,11 @@
 // for the recurrent matmuls. Each output element is summed in a fixed order - panels of products accumulated in
 // registers, the panels added in turn - so results do not depend on how columns are split between threads, and
 // the longest rounding chain is a panel plus K / panel additions rather than K. Panels are kPanel = 64 long for
-// matmul (a panel's slice of B stays in L1 while every row block uses it) and kPackedPanel = 256 for PackedB,
-// as long as a BLAS's K block: each panel reloads and stores the C tile, which at 64 cost 15% of the recurrent
-// matmul at hidden size 512 (the float32 error of a 256-step LSTM against float64 stays at torch's).
+// matmul (a panel's slice of B stays in L1 while every row block uses it) and kPackedPanel = 128 for PackedB:
+// each panel reloads and stores the C tile, which at 64 cost 15% of the recurrent matmul at hidden size 512,
+// while at 256 a column block's panel of B (48 KiB with 3 AVX-512 vectors) filled an Intel core's whole L1
+// (128 took 1-3% off the LSTM forward at batch 32, sizes 256, in A/B runs alternating in one process). The
+// float32 error of a 256-step LSTM against float64 stays at torch's.
 //
 // Vectors are GCC/Clang vector extensions sized to the widest registers the build targets. Register tiles:
 // AVX-512, 8 rows x 3 vectors (24 accumulators of 32 registers; measured 150-165 GFLOP/s per core here, against
@@ -34,7 +36,7 @@ constexpr int kRowBlock = 6;
 constexpr int kColBlock = 2;
 #endif
 constexpr int64_t kPanel = 64;
-constexpr int64_t kPackedPanel = 256;  // see the top of the file
+constexpr int64_t kPackedPanel = 128;  // see the top of the file
 
 typedef float vfloat __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(4)));
 typedef double vdouble __attribute__((vector_size(SEQKERNELS_VEC_BYTES), aligned(8)));
