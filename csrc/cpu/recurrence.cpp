@@ -418,10 +418,12 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
 // time (one GEMM per chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a
 // buffer that stays in the thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256),
 // the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
-// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). Row r of the current chunk
-// is at rows(r), its gate columns in the layout of the thread's recurrent sums, which each step adds in place (so
-// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two). A row
-// group's schedule (not contiguous from step to step) gets one step per chunk.
+// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). The rows of step s are at
+// step_rows(s), its gate columns in the layout of the thread's recurrent sums, which each step adds in place (so
+// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two); the
+// buffer holds the chunk's steps in time order. A row group's steps (S.B rows each, not contiguous from step to
+// step) are the sets of one PackedB::matmul_sets: with a GEMM per step, the group streamed its slice of W_ih from
+// L3 every step where its weights outgrow L2.
 template <typename T>
 class InputProjection {
  public:
@@ -429,7 +431,7 @@ class InputProjection {
 
   template <typename RowOf>
   InputProjection(const Schedule& S, const T* x, const T* w_ih, int64_t I, int64_t cols, RowOf row_of, int64_t ldg)
-      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(S.contiguous ? std::max(S.B, kChunkRows) : S.B) {
+      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(std::max(S.B, kChunkRows)) {
     w_ = pack_transposed(w_ih, I, cols, row_of, I, ldg, cap_);
     buf_.resize(cap_ * ldg);
   }
@@ -439,16 +441,25 @@ class InputProjection {
     if (s < next_) return;
     auto rows_until = [&](int64_t s1) {  // rows of the steps [s, s1)
       const auto [r0, r1] = S_.rows_of_steps(s, s1);
-      return r1 - r0;
+      return S_.contiguous ? r1 - r0 : (s1 - s) * S_.B;
     };
     int64_t s1 = s + 1;
-    while (S_.contiguous && s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
-    r0_ = S_.rows_of_steps(s, s1).first;
-    w_.matmul(rows_until(s1), 0, I_, x_ + r0_ * I_, I_, buf_.data(), ldg_);
+    while (s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
+    t0_ = std::min(S_.t_of(s), S_.t_of(s1 - 1));
+    if (S_.contiguous) {
+      w_.matmul(rows_until(s1), 0, I_, x_ + S_.off[t0_] * I_, I_, buf_.data(), ldg_);
+    } else {
+      w_.matmul_sets(s1 - s, S_.B, 0, I_, [&](int64_t j) {
+        return std::pair<const T*, T*>(x_ + S_.off[t0_ + j] * I_, buf_.data() + j * S_.B * ldg_);
+      }, I_, ldg_);
+    }
     next_ = s1;
   }
 
-  T* rows(int64_t r) { return buf_.data() + (r - r0_) * ldg_; }
+  T* step_rows(int64_t s) {
+    const int64_t t = S_.t_of(s);
+    return buf_.data() + (S_.contiguous ? S_.off[t] - S_.off[t0_] : (t - t0_) * S_.B) * ldg_;
+  }
 
  private:
   const Schedule& S_;
@@ -456,7 +467,7 @@ class InputProjection {
   int64_t I_, ldg_, cap_;
   gemm::PackedB<T> w_;
   gemm::UninitBuffer<T> buf_;  // each chunk's matmul writes its rows in full
-  int64_t next_ = 0, r0_ = 0;  // the first step after the current chunk, the chunk's first row
+  int64_t next_ = 0, t0_ = 0;  // the first step after the current chunk, the chunk's first time index
 };
 
 // h_{t-1} of the s-th step's rows (bs rows, P apart), as the A of the recurrent matmul of a forward without a
@@ -600,7 +611,7 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
       T* h_nxt = proj ? hbuf.data() + ((s + 1) & 1) * B * P : nullptr;
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
-        T* G = xproj.rows(off);  // the step's gate sums: the recurrent sums added to the input projection
+        T* G = xproj.step_rows(s);  // the step's gate sums: the recurrent sums added to the input projection
         if (proj) {
           Wp.matmul(bs, 0, P, h_cur, P, G, ldg, /*accumulate=*/true);
         } else {
@@ -877,7 +888,7 @@ void rnn_forward_team(const Schedule& S, const T* x, const T* w_ih, int64_t I, c
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
       if (Jn > 0 && bs > 0) {
         xproj.at_step(s);
-        T* G = xproj.rows(off);  // the step's sums: the recurrent sums added to the input projection
+        T* G = xproj.step_rows(s);  // the step's sums: the recurrent sums added to the input projection
         const T* h_prev = previous_outputs(S, s, out, h0, H, scratch, [&] { wait_all(flags, nt, s); });
         matmul_own_first(bs, h_prev, H, Wp, G, ldg, units, tid, flags, /*steps=*/s, 1, 0, /*accumulate=*/true);
         for (int64_t b = 0; b < bs; ++b)
