@@ -19,7 +19,8 @@ from conftest import assert_close64, assert_error_rule, num_threads
 # columns are split too, a step too small to thread, and ragged sequences of 199 rows: the forward computes its
 # input projection in chunks of 128 rows, so this one takes two chunks of different steps in each direction.
 # Sequences of one length in a batch of 17 split the batch between threads instead (row groups of 8 and 9 rows
-# with two threads, each over all 40 units).
+# with two threads, each over all 40 units), whose input projections take 16 and 14 steps a chunk: two chunks in
+# each direction over 20 steps.
 CASES = [
     ([1], 3, 5, 0),
     ([4, 4, 4], 3, 5, 2),
@@ -30,7 +31,7 @@ CASES = [
     ([6, 3, 3, 1], 5, 33, 17),
     ([60, 50, 50, 31, 7, 1], 6, 40, 0),
     ([60, 50, 50, 31, 7, 1], 6, 40, 24),
-    ([5] * 17, 6, 40, 0),
+    ([20] * 17, 6, 40, 0),
 ]
 
 
