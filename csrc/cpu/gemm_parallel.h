@@ -4,7 +4,7 @@
 //
 // Goto's blocking around gemm_kernel.h's micro-kernels. Every B is packed once, in full, by the whole team (each
 // column block's K rows contiguous, as PackedB does); then each thread takes a contiguous range of C's rows and
-// walks it in blocks of rows (block_rows: as many as keep the block of C in half of a core's L2), packing each
+// walks it in blocks of rows (block_rows: as many as keep the block of C in 3/4 of a core's L2), packing each
 // block's A panel by panel (kRowBlock rows, k-major: the micro-kernel's broadcasts read one sequential stream) for
 // each K panel of kGradPanel, and multiplying it into every column block of every B. A thread's block of C stays
 // in its L2 for all K panels, a column block's K panel of B (kGradPanel x 3 vectors: 24 KiB for float with
@@ -12,6 +12,10 @@
 // Intel AVX-512 core (48 KiB of L1, 2 MiB of L2) panels of 256 (48 KiB of B, the whole L1) and blocks of 128 rows
 // made an LSTM's weight gradients at batch 32, sizes 256, about 2 ms slower (the backward 40.7-41.3 ms against
 // 38.8-38.9, alternating in one process; 256-row blocks 38.9-39.7); MKL took 15.7-16.6 ms for the product.
+// With AVX2 (a Zen 3 core pair, 512 KiB of L2 each) panels of 256 and blocks in 3/4 of L2 rather than half (192
+// rows rather than 96 at 512 columns, so each thread reads B from L3 half as often) made the LSTM's weight
+// gradient product at batch 32, sizes 256, 3-11% faster than panels of 128 and 96-row blocks (A/B alternating in one
+// process, three runs: 95-110 GFLOP/s against 95-101), where MKL ran at 115-123.
 // Sharing A between several B saves packing it twice: grad_w_ih and grad_w_hh are one product of dG^T with
 // [x | h_prev]. At batch 32, 128 steps, sizes 256 (two Zen 4 cores, with panels of 256 and blocks of 128 rows):
 // an LSTM's grad_input took 10.3 ms this way and its weight gradients 21.1 ms, 88-90% of the cores' FMA peak,
@@ -58,14 +62,16 @@ inline int64_t l2_cache_bytes() {
 
 namespace detail {
 
-constexpr int64_t kGradPanel = 128;             // K panel (see the top of the file)
+// K panel (see the top of the file): a column block's panel of float B takes 24 KiB with AVX-512 (3 vectors), 16
+// KiB with AVX2 (2 vectors, panels of 256).
+constexpr int64_t kGradPanel = SEQKERNELS_VEC_BYTES == 64 ? 128 : 256;
 constexpr int64_t kBlockRows = 16 * kRowBlock;  // the fewest rows of C per block: 128 with AVX-512
 
-// Rows of C per block: a multiple of kBlockRows (at least one) whose C rows of `cols` elements fill at most half
-// of a core's L2.
+// Rows of C per block: a multiple of kBlockRows (at least one) whose C rows of `cols` elements fill at most 3/4 of
+// a core's L2.
 template <typename T>
 int64_t block_rows(int64_t cols) {
-  const int64_t fit = gemm::l2_cache_bytes() / 2 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T)));
+  const int64_t fit = gemm::l2_cache_bytes() * 3 / 4 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(T)));
   return std::max<int64_t>(1, fit / kBlockRows) * kBlockRows;
 }
 
