@@ -498,16 +498,16 @@ inline void wait_all(const StepFlags& flags, int team, int64_t steps) {
 // alone (a team of one), so that no step waits for another core's part of h or of the gate gradients. Used for
 // sequences of one length without a projection, with kRowsPerGroup rows a thread or more; returns the groups' row
 // bounds (team + 1 of them), or nothing where the team splits the units instead. A group's rows of consecutive
-// steps are not contiguous, so its input projection is a GEMM per step rather than per chunk of steps.
+// steps are not contiguous: its input projection multiplies a chunk's steps as the sets of one matmul_sets.
 //
 // On the 2-core Zen 4 VM of the README the two cores' round trip through a shared cache line takes about 80 ns in
 // some spells and 330-390 ns in others (the VM's cores on different parts of the host's chip, it seems). In the
 // slow spells the unit split's per-step exchange made the batch-32 training step 15-17% slower (76 against 65-66
 // ms), where torch's got 6% slower; with row groups it took 66-68 ms in those spells (two one-thread layers
 // side by side), and 1.5-2% less than the unit split in the fast ones (64.0-64.7 against 65.3-66.6 ms), with
-// inference as fast (20.4-20.9 ms both). For packed sequences of different lengths the per-step projections of
-// the shrinking steps cost more than the exchange saves in fast spells (batch 32: 13.2-13.3 against 12.3-12.7
-// ms), so those keep the unit split.
+// inference as fast (20.4-20.9 ms both). For packed sequences of different lengths (measured there when a row
+// group's projection was a GEMM per step) the per-step projections of the shrinking steps cost more than the
+// exchange saves in fast spells (batch 32: 13.2-13.3 against 12.3-12.7 ms), so those keep the unit split.
 //
 // A row group reads all of the layer's weights every step, where the unit split reads a slice of 1/team of them.
 // Where that slice fits in a core's L2 and the whole does not, the unit split wins: on an Intel AVX-512 VM (2 MiB
