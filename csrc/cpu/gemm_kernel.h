@@ -331,20 +331,21 @@ class PackedB {
 
   // matmul for `sets` sets of M rows each, set j's A and C given by set(j) (a pair of pointers): one GEMM over
   // rows that are not evenly spaced, each column block's panel of B serving every set while it is in L1. The
-  // sums are matmul's, set by set.
+  // sums are matmul's, set by set. Only column blocks [b0, b1) (all by default) are computed: the sums of a
+  // column do not depend on which blocks are computed with it.
   template <typename SetOf>
   void matmul_sets(int64_t sets, int64_t M, int64_t k0, int64_t k1, SetOf set, int64_t lda, int64_t ldc,
-                   bool accumulate = false) const {
-    const int64_t K = k1 - k0, nb = static_cast<int64_t>(blocks_.size());
+                   bool accumulate = false, int64_t b0 = 0, int64_t b1 = -1) const {
+    const int64_t K = k1 - k0, nb = b1 < 0 ? blocks() : b1;
     auto panel_at = [&](int64_t i, int64_t k) {  // column block i's rows from k on
       return data_.data() + K_ * blocks_[i].first + k * blocks_[i].second * lanes<T>();
     };
     for (int64_t p0 = 0; p0 < K || p0 == 0; p0 += kPackedPanel) {
       const int64_t kn = std::min(kPackedPanel, K - p0);
       const bool acc = accumulate || p0 > 0;
-      for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t i = b0; i < nb; ++i) {
         const auto [n0, nr] = blocks_[i];
-        const T* next = i + 1 < nb ? panel_at(i + 1, k0 + p0) : p0 + kn < K ? panel_at(0, k0 + p0 + kn) : nullptr;
+        const T* next = i + 1 < nb ? panel_at(i + 1, k0 + p0) : p0 + kn < K ? panel_at(b0, k0 + p0 + kn) : nullptr;
         for (int64_t j = 0; j < sets; ++j) {
           const auto [A, C] = set(j);
           column_block_n<T, false>(nr, M, kn, A + p0, lda, panel_at(i, k0 + p0), nr * lanes<T>(), C + n0, ldc, acc,
@@ -353,6 +354,8 @@ class PackedB {
       }
     }
   }
+
+  int64_t blocks() const { return static_cast<int64_t>(blocks_.size()); }  // column blocks
 
  private:
   // Sizes the storage, left uninitialized: the pack functions write every element.

@@ -14,7 +14,8 @@
 // h_{t-1} @ W_hh^T with a register-blocked micro-kernel, added onto the projection in place, followed by the fused
 // gate activations and state update of its own units. Without a projection each thread publishes its part of h_t
 // (written straight into the step's output rows, which the next step reads) through a step counter and starts
-// the next step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags);
+// the next step on the part it wrote itself, waiting for the others' parts only when it reaches them (StepFlags),
+// and meanwhile computing pieces of the next chunk of the projection of the thread it waits for;
 // with one (split by output columns) two barriers per step publish h~_t and h_t. A float forward whose weights
 // outgrow L2 keeps the batch in the vector lanes instead (see "Batch-in-lanes forward"). Sequences of one length
 // split the batch between the threads instead of the units, forward and backward (row_groups).
@@ -47,6 +48,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -138,7 +141,18 @@ Schedule make_schedule(const char* op, const Tensor& batch_sizes, int64_t N, int
 // as OpenMP's barrier may; after a long wait it yields the core.
 template <typename Done>
 void spin_until(Done done) {
+  spin_until(done, [] { return false; });
+}
+
+// spin_until that calls work() while it waits: work does a piece of useful work and returns true, or returns
+// false when there is none.
+template <typename Done, typename Work>
+void spin_until(Done done, Work work) {
   for (int spins = 0; !done(); ++spins) {
+    if (work()) {
+      spins = 0;
+      continue;
+    }
     if (spins < 20000) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
@@ -235,12 +249,21 @@ int team_size(int64_t gates, int64_t H, int64_t P, int64_t B) {
 // thread's own share of the matmul instead of a barrier stalling every step. Each step's values go to rows of
 // their own (the output rows in the forward, see previous_outputs; the gate-gradient rows in the backward), so
 // nothing another thread may still read is overwritten.
+//
+// A thread that waits may work for the one it waits for meanwhile (set_help: help(u, published) does a piece of
+// u's work, given the steps u has published, or returns false), see InputProjection::help.
 class StepFlags {
  public:
   explicit StepFlags(int team) : flags_(team) {}
+  void set_help(std::function<bool(int, int64_t)> help) { help_ = std::move(help); }
   // Blocks until thread u has published `steps` steps.
   void wait(int u, int64_t steps) const {
-    spin_until([&] { return flags_[u].steps.load(std::memory_order_acquire) >= steps; });
+    auto published = [&] { return flags_[u].steps.load(std::memory_order_acquire); };
+    if (!help_) {
+      spin_until([&] { return published() >= steps; });
+      return;
+    }
+    spin_until([&] { return published() >= steps; }, [&] { return help_(u, published()); });
   }
   // Publishes thread u's writes of its first `steps` steps.
   void publish(int u, int64_t steps) { flags_[u].steps.store(steps, std::memory_order_release); }
@@ -250,6 +273,7 @@ class StepFlags {
     std::atomic<int64_t> steps{0};
   };
   std::vector<Flag> flags_;
+  std::function<bool(int, int64_t)> help_;
 };
 
 // C (+)= A @ Bp (adding to C with `accumulate`) over the k-ranges of every thread, the calling thread's own
@@ -414,60 +438,121 @@ gemm::PackedB<T> pack_columns(const T* W, int64_t ld, int64_t R, int64_t c0, int
   return packed;
 }
 
-// The input projection x @ W_ih^T of a thread's gate columns, computed by the thread itself a chunk of steps at a
-// time (one GEMM per chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a
-// buffer that stays in the thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256),
-// the projection is read back from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS
-// and 11% slower with it computed by the team (at batch 64: as fast, and 12% slower). The rows of step s are at
-// step_rows(s), its gate columns in the layout of the thread's recurrent sums, which each step adds in place (so
-// the step's sums need no buffer of their own, and its pointwise part reads one stream rather than two); the
-// buffer holds the chunk's steps in time order. A row group's steps (S.B rows each, not contiguous from step to
-// step) are the sets of one PackedB::matmul_sets: with a GEMM per step, the group streamed its slice of W_ih from
-// L3 every step where its weights outgrow L2.
+// The input projection x @ W_ih^T of a thread's gate columns, computed a chunk of steps at a time (one GEMM per
+// chunk, of up to max(batch, kChunkRows) rows) just before the chunk's first step, into a buffer that stays in the
+// thread's L2. Computed for all steps at once (16 MB at batch 32 and hidden size 256), the projection is read back
+// from L3 or memory: at batch 32 the layer ran 8% slower with it computed by the BLAS and 11% slower with it
+// computed by the team (at batch 64: as fast, and 12% slower). The rows of step s are at step_rows(s), its gate
+// columns in the layout of the thread's recurrent sums, which each step adds in place (so the step's sums need no
+// buffer of their own, and its pointwise part reads one stream rather than two); a buffer holds its chunk's steps
+// in time order. A row group's steps (S.B rows each, not contiguous from step to step) are the sets of one
+// PackedB::matmul_sets: with a GEMM per step, the group streamed its slice of W_ih from L3 every step where its
+// weights outgrow L2.
+//
+// Shared (a team of several threads): a chunk's GEMM is split into kPieces ranges of column blocks, which the
+// owner claims at the chunk's first step, and which a thread waiting for the owner's part of h (StepFlags) may
+// claim beforehand for the owner's next chunk (help), written into the second of two buffers. The VM's cores run
+// at different speeds for seconds at a time, and the fast thread otherwise spent the wait spinning: in the packed
+// forward at batch 32 one thread waited 0-15 ms of a 20-40 ms call. With this sharing that forward took 4-10% less
+// (medians 25.3 against 26.4 ms and 23.1 against 25.2, alternating in one process on a Zen 3 VM) and the forward at
+// batch 8, sizes 256, 3% less. A piece's sums do not depend on who computes it, so the results stay bitwise
+// reproducible.
 template <typename T>
 class InputProjection {
  public:
   static constexpr int64_t kChunkRows = 128;
+  static constexpr int kPieces = 4;
 
   template <typename RowOf>
-  InputProjection(const Schedule& S, const T* x, const T* w_ih, int64_t I, int64_t cols, RowOf row_of, int64_t ldg)
-      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(std::max(S.B, kChunkRows)) {
+  InputProjection(const Schedule& S, const T* x, const T* w_ih, int64_t I, int64_t cols, RowOf row_of, int64_t ldg,
+                  bool shared)
+      : S_(S), x_(x), I_(I), ldg_(ldg), cap_(std::max(S.B, kChunkRows)), buffers_(shared ? 2 : 1) {
     w_ = pack_transposed(w_ih, I, cols, row_of, I, ldg, cap_);
-    buf_.resize(cap_ * ldg);
-  }
-
-  // Called at every step s (in processing order): computes the next chunk when s starts one.
-  void at_step(int64_t s) {
-    if (s < next_) return;
-    auto rows_until = [&](int64_t s1) {  // rows of the steps [s, s1)
-      const auto [r0, r1] = S_.rows_of_steps(s, s1);
-      return S_.contiguous ? r1 - r0 : (s1 - s) * S_.B;
-    };
-    int64_t s1 = s + 1;
-    while (s1 < S_.T && rows_until(s1 + 1) <= cap_) ++s1;
-    t0_ = std::min(S_.t_of(s), S_.t_of(s1 - 1));
-    if (S_.contiguous) {
-      w_.matmul(rows_until(s1), 0, I_, x_ + S_.off[t0_] * I_, I_, buf_.data(), ldg_);
-    } else {
-      w_.matmul_sets(s1 - s, S_.B, 0, I_, [&](int64_t j) {
-        return std::pair<const T*, T*>(x_ + S_.off[t0_ + j] * I_, buf_.data() + j * S_.B * ldg_);
-      }, I_, ldg_);
+    pieces_ = shared ? static_cast<int>(std::clamp<int64_t>(w_.blocks(), 1, kPieces)) : 1;
+    chunk_of_.resize(S.T);
+    for (int64_t s = 0; s < S.T;) {  // chunks: as many steps as fit in cap_ rows, one at least
+      int64_t s1 = s + 1;
+      while (s1 < S.T && rows_of(s, s1 + 1) <= cap_) ++s1;
+      for (int64_t q = s; q < s1; ++q) chunk_of_[q] = static_cast<int64_t>(starts_.size());
+      starts_.push_back(s);
+      s = s1;
     }
-    next_ = s1;
+    starts_.push_back(S.T);
+    claims_ = std::vector<Claims>(starts_.size() - 1);
+    buf_.resize(buffers_ * cap_ * ldg);
   }
 
-  T* step_rows(int64_t s) {
-    const int64_t t = S_.t_of(s);
-    return buf_.data() + (S_.contiguous ? S_.off[t] - S_.off[t0_] : (t - t0_) * S_.B) * ldg_;
+  // Called at every step s (in processing order): at a chunk's first step, computes the pieces no other thread has
+  // claimed and waits for those that one has.
+  void at_step(int64_t s) {
+    const int64_t c = chunk_of_[s];
+    if (c == current_) return;
+    current_ = c;
+    Claims& cl = claims_[c];
+    for (int p; (p = cl.claimed.fetch_add(1, std::memory_order_relaxed)) < pieces_;) {
+      compute(c, p);
+      cl.done.fetch_add(1, std::memory_order_release);
+    }
+    spin_until([&] { return cl.done.load(std::memory_order_acquire) >= pieces_; });
+  }
+
+  // Called by another thread, given the steps this one has published (at least 1): computes one unclaimed piece
+  // of the chunk after the one this thread is in, if there is one (whose buffer it no longer reads), and returns
+  // whether it did. A stale count only points at a chunk already claimed in full.
+  bool help(int64_t published) {
+    if (pieces_ < 2 || published < 1 || published >= S_.T) return false;
+    const int64_t c = chunk_of_[published] + 1;
+    if (c + 1 >= static_cast<int64_t>(starts_.size())) return false;
+    Claims& cl = claims_[c];
+    if (cl.claimed.load(std::memory_order_relaxed) >= pieces_) return false;
+    const int p = cl.claimed.fetch_add(1, std::memory_order_relaxed);
+    if (p >= pieces_) return false;
+    compute(c, p);
+    cl.done.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+
+  T* step_rows(int64_t s) const {
+    const int64_t c = chunk_of_[s], t = S_.t_of(s), t0 = first_time(c);
+    return buffer(c) + (S_.contiguous ? S_.off[t] - S_.off[t0] : (t - t0) * S_.B) * ldg_;
   }
 
  private:
+  struct alignas(64) Claims {  // per chunk: pieces claimed and pieces done
+    std::atomic<int> claimed{0}, done{0};
+  };
+
+  int64_t rows_of(int64_t s0, int64_t s1) const {  // rows of the steps [s0, s1)
+    const auto [r0, r1] = S_.rows_of_steps(s0, s1);
+    return S_.contiguous ? r1 - r0 : (s1 - s0) * S_.B;
+  }
+  int64_t first_time(int64_t c) const { return std::min(S_.t_of(starts_[c]), S_.t_of(starts_[c + 1] - 1)); }
+  T* buffer(int64_t c) const { return const_cast<T*>(buf_.data()) + (c % buffers_) * cap_ * ldg_; }
+
+  // Piece p of chunk c: its column blocks of every row of the chunk.
+  void compute(int64_t c, int p) {
+    const int64_t s0 = starts_[c], s1 = starts_[c + 1], t0 = first_time(c), nb = w_.blocks();
+    const int64_t b0 = nb * p / pieces_, b1 = nb * (p + 1) / pieces_;
+    T* buf = buffer(c);
+    if (S_.contiguous) {
+      w_.matmul_sets(1, rows_of(s0, s1), 0, I_, [&](int64_t) { return std::pair<const T*, T*>(x_ + S_.off[t0] * I_, buf); },
+                     I_, ldg_, false, b0, b1);
+    } else {
+      w_.matmul_sets(s1 - s0, S_.B, 0, I_, [&](int64_t j) {
+        return std::pair<const T*, T*>(x_ + S_.off[t0 + j] * I_, buf + j * S_.B * ldg_);
+      }, I_, ldg_, false, b0, b1);
+    }
+  }
+
   const Schedule& S_;
   const T* x_;
-  int64_t I_, ldg_, cap_;
+  int64_t I_, ldg_, cap_, buffers_;
+  int pieces_ = 1;
   gemm::PackedB<T> w_;
-  gemm::UninitBuffer<T> buf_;  // each chunk's matmul writes its rows in full
-  int64_t next_ = 0, t0_ = 0;  // the first step after the current chunk, the chunk's first time index
+  std::vector<int64_t> chunk_of_, starts_;  // each step's chunk; each chunk's first step, then S.T
+  std::vector<Claims> claims_;
+  gemm::UninitBuffer<T> buf_;  // each chunk's pieces write its rows in full
+  int64_t current_ = -1;       // the chunk of the last at_step
 };
 
 // h_{t-1} of the s-th step's rows (bs rows, P apart), as the A of the recurrent matmul of a forward without a
@@ -586,6 +671,9 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
   const bool stream = a.gates && aligned(a.gates) && aligned(a.cells) && H % (64 / sizeof(T)) == 0;
   StepBarrier barrier;
   StepFlags flags(team);
+  // Each thread's projection, kept until the whole team is done: other threads may work on it (help).
+  std::vector<std::unique_ptr<InputProjection<T>>> projections(team);
+  flags.set_help([&](int u, int64_t published) { return published >= 1 && projections[u]->help(published); });
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -596,7 +684,8 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
     gemm::Buffer<T> tmp(Jn), scratch;
     auto gate_row = [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; };  // local column r: gate r / Jn
     const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, gate_row, P, ldg, B);
-    InputProjection<T> xproj(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg);
+    projections[tid] = std::make_unique<InputProjection<T>>(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg, nt > 1);
+    InputProjection<T>& xproj = *projections[tid];
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
     const int64_t ldq = round_up(Q.size(), L);
     gemm::Buffer<T> Y(proj ? B * ldq : 0);
@@ -874,6 +963,8 @@ void rnn_forward_team(const Schedule& S, const T* x, const T* w_ih, int64_t I, c
   constexpr int64_t L = gemm::lanes<T>();
   const int64_t B = S.B;
   StepFlags flags(team);
+  std::vector<std::unique_ptr<InputProjection<T>>> projections(team);  // as in lstm_forward_team
+  flags.set_help([&](int u, int64_t published) { return published >= 1 && projections[u]->help(published); });
 #pragma omp parallel num_threads(team)
   {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -882,7 +973,8 @@ void rnn_forward_team(const Schedule& S, const T* x, const T* w_ih, int64_t I, c
     const int64_t Jn = J.size(), ldg = round_up(Jn, L);
     auto unit_row = [&](int64_t r) { return J.begin + r; };
     const auto Wp = pack_transposed(w_hh, H, Jn, unit_row, H, ldg, B);
-    InputProjection<T> xproj(S, x, w_ih, I, Jn, unit_row, ldg);
+    projections[tid] = std::make_unique<InputProjection<T>>(S, x, w_ih, I, Jn, unit_row, ldg, nt > 1);
+    InputProjection<T>& xproj = *projections[tid];
     gemm::Buffer<T> scratch;
     for (int64_t s = 0; s < S.T; ++s) {
       const int64_t t = S.t_of(s), bs = S.bs[t], off = S.off[t], done = S.bs_after(s);
