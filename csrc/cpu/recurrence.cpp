@@ -259,11 +259,7 @@ class StepFlags {
   // Blocks until thread u has published `steps` steps.
   void wait(int u, int64_t steps) const {
     auto published = [&] { return flags_[u].steps.load(std::memory_order_acquire); };
-    if (!help_) {
-      spin_until([&] { return published() >= steps; });
-      return;
-    }
-    spin_until([&] { return published() >= steps; }, [&] { return help_(u, published()); });
+    spin_until([&] { return published() >= steps; }, [&] { return help_ && help_(u, published()); });
   }
   // Publishes thread u's writes of its first `steps` steps.
   void publish(int u, int64_t steps) { flags_[u].steps.store(steps, std::memory_order_release); }
@@ -496,11 +492,11 @@ class InputProjection {
     spin_until([&] { return cl.done.load(std::memory_order_acquire) >= pieces_; });
   }
 
-  // Called by another thread, given the steps this one has published (at least 1): computes one unclaimed piece
-  // of the chunk after the one this thread is in, if there is one (whose buffer it no longer reads), and returns
-  // whether it did. A stale count only points at a chunk already claimed in full.
+  // Called by another thread, given the steps this one has published (at least 1, so that this one exists):
+  // computes one unclaimed piece of the chunk after the one this thread is in, if there is one (whose buffer it no
+  // longer reads), and returns whether it did. A stale count only points at a chunk already claimed in full.
   bool help(int64_t published) {
-    if (pieces_ < 2 || published < 1 || published >= S_.T) return false;
+    if (pieces_ < 2 || published >= S_.T) return false;
     const int64_t c = chunk_of_[published] + 1;
     if (c + 1 >= static_cast<int64_t>(starts_.size())) return false;
     Claims& cl = claims_[c];
@@ -512,7 +508,7 @@ class InputProjection {
     return true;
   }
 
-  T* step_rows(int64_t s) const {
+  T* step_rows(int64_t s) {
     const int64_t c = chunk_of_[s], t = S_.t_of(s), t0 = first_time(c);
     return buffer(c) + (S_.contiguous ? S_.off[t] - S_.off[t0] : (t - t0) * S_.B) * ldg_;
   }
@@ -527,7 +523,7 @@ class InputProjection {
     return S_.contiguous ? r1 - r0 : (s1 - s0) * S_.B;
   }
   int64_t first_time(int64_t c) const { return std::min(S_.t_of(starts_[c]), S_.t_of(starts_[c + 1] - 1)); }
-  T* buffer(int64_t c) const { return const_cast<T*>(buf_.data()) + (c % buffers_) * cap_ * ldg_; }
+  T* buffer(int64_t c) { return buf_.data() + (c % buffers_) * cap_ * ldg_; }
 
   // Piece p of chunk c: its column blocks of every row of the chunk.
   void compute(int64_t c, int p) {
@@ -535,8 +531,9 @@ class InputProjection {
     const int64_t b0 = nb * p / pieces_, b1 = nb * (p + 1) / pieces_;
     T* buf = buffer(c);
     if (S_.contiguous) {
-      w_.matmul_sets(1, rows_of(s0, s1), 0, I_, [&](int64_t) { return std::pair<const T*, T*>(x_ + S_.off[t0] * I_, buf); },
-                     I_, ldg_, false, b0, b1);
+      const T* a = x_ + S_.off[t0] * I_;
+      w_.matmul_sets(1, rows_of(s0, s1), 0, I_, [&](int64_t) { return std::pair<const T*, T*>(a, buf); }, I_, ldg_,
+                     false, b0, b1);
     } else {
       w_.matmul_sets(s1 - s0, S_.B, 0, I_, [&](int64_t j) {
         return std::pair<const T*, T*>(x_ + S_.off[t0 + j] * I_, buf + j * S_.B * ldg_);
@@ -684,7 +681,9 @@ void lstm_forward_team(const Schedule& S, const LstmFwd<T>& a, int team) {
     gemm::Buffer<T> tmp(Jn), scratch;
     auto gate_row = [&](int64_t r) { return (r / Jn) * H + J.begin + r % Jn; };  // local column r: gate r / Jn
     const auto Wp = pack_transposed(a.w_hh, P, 4 * Jn, gate_row, P, ldg, B);
-    projections[tid] = std::make_unique<InputProjection<T>>(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg, nt > 1);
+    // (with a projection the team waits at barriers, where no thread helps another)
+    projections[tid] =
+        std::make_unique<InputProjection<T>>(S, a.x, a.w_ih, a.I, 4 * Jn, gate_row, ldg, /*shared=*/nt > 1 && !proj);
     InputProjection<T>& xproj = *projections[tid];
     const Range Q = proj ? split(P, nt, tid, L) : Range{};
     const int64_t ldq = round_up(Q.size(), L);
